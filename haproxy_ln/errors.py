@@ -1,0 +1,31 @@
+"""The error tree.
+
+Errors split as in h11: the peer broke the protocol (`ProtocolViolation`), or
+we did (`FramerMisuse`, a bug). Every message says what was wrong in terms an
+operator can act on; none ever carries a secret.
+"""
+
+
+class HaproxyLnError(Exception):
+    """Base of every error haproxy-ln raises on purpose."""
+
+
+class ConfigError(HaproxyLnError):
+    """The configuration file is unreadable or invalid; `problems` lists each."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+
+class ProtocolViolation(HaproxyLnError):
+    """A peer sent bytes that are not valid PostgreSQL wire protocol."""
+
+
+class BufferBudgetExhausted(HaproxyLnError):
+    """The proxy's shared buffer budget cannot fit one more buffer."""
+
+
+class FramerMisuse(RuntimeError):
+    """The framer was driven out of order: a bug in haproxy-ln, not the peer."""
