@@ -25,17 +25,18 @@ void pgf_pool_init(pgf_pool *p, size_t chunk, size_t budget, size_t keep)
     p->keep = keep;
 }
 
+/* The free list for `need` bytes and the size to allocate; -1: not pooled. */
 static int size_class(const pgf_pool *p, size_t need, size_t *size)
 {
     size_t s = p->chunk;
-    int c = 0;
-    while (s < need) {
-        s <<= 1;
-        if (++c >= PGF_CLASSES)
-            return -1;
+    for (int c = 0; c < PGF_CLASSES; c++, s <<= 1) {
+        if (s >= need) {
+            *size = s;
+            return c;
+        }
     }
-    *size = s;
-    return c;
+    *size = (need + p->chunk - 1) / p->chunk * p->chunk;
+    return -1;
 }
 
 static void drop_cached(pgf_pool *p)
@@ -59,9 +60,7 @@ static uint8_t *pool_take(pgf_pool *p, size_t need, size_t *cap)
 {
     size_t size;
     int c = size_class(p, need, &size);
-    if (c < 0)
-        return NULL;
-    void *b = p->free_list[c];
+    void *b = c >= 0 ? p->free_list[c] : NULL;
     if (b) {
         p->free_list[c] = *(void **)b;
         p->cached -= size;
@@ -87,7 +86,7 @@ static void pool_give(pgf_pool *p, uint8_t *b, size_t cap)
     size_t size;
     int c = size_class(p, cap, &size);
     p->in_use -= cap;
-    if (p->cached + cap <= p->keep) {
+    if (c >= 0 && p->cached + cap <= p->keep) {
         *(void **)b = p->free_list[c];
         p->free_list[c] = b;
         p->cached += cap;

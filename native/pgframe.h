@@ -19,7 +19,9 @@
  * Declared lengths are never trusted: a length below 4, above the
  * configured limit, or a type byte outside the table is a sticky protocol
  * error, and no buffer grows beyond what one held message within the limit
- * needs.  The pool has a byte budget shared by all framers using it.
+ * needs.  The pool has a byte budget shared by all framers using it; sizes up
+ * to 64 chunks are rounded to a power of two and cached for reuse, larger
+ * ones are allocated to the chunk-rounded size and freed after use.
  */
 #ifndef PGFRAME_H
 #define PGFRAME_H
@@ -42,7 +44,7 @@
 
 #define PGF_UNTYPED_MIN 8
 #define PGF_UNTYPED_MAX 10000 /* PostgreSQL's MAX_STARTUP_PACKET_LENGTH */
-#define PGF_CLASSES 24
+#define PGF_CLASSES 7 /* pooled sizes: chunk << 0 .. chunk << 6; larger are exact */
 
 typedef struct pgf_pool {
     size_t chunk;    /* smallest buffer, a power of two */

@@ -21,7 +21,7 @@ ERR_IO = -8
 UNTYPED = 0
 UNTYPED_MIN = 8
 UNTYPED_MAX = 10000  # PostgreSQL's MAX_STARTUP_PACKET_LENGTH
-CLASSES = 24
+CLASSES = 7  # pooled sizes: chunk << 0 .. chunk << 6; larger ones are exact
 
 ALLOW = 1
 HOLD = 2
@@ -32,9 +32,7 @@ def raise_for(code: int, value: int, max_message: int) -> NoReturn:
     if code == ERR_SHORT:
         raise ProtocolViolation(f"message length {value} is below the minimum of 4")
     if code == ERR_LONG:
-        raise ProtocolViolation(
-            f"message length {value} exceeds the limit of {max_message} bytes"
-        )
+        raise ProtocolViolation(f"message length {value} exceeds the limit of {max_message} bytes")
     if code == ERR_TYPE:
         raise ProtocolViolation(f"unknown message type byte 0x{value:02x}")
     if code == ERR_STARTUP:

@@ -4,12 +4,12 @@ Importing this module raises ImportError when the extension was not built;
 haproxy_ln.framing then falls back to the twin and says so.
 """
 
-from haproxy_ln._native import ffi, lib  # type: ignore[import-not-found]
+from haproxy_ln._native import ffi, lib
 from haproxy_ln.framing import codes
 
 
 class CPool:
-    """A pgf_pool: power-of-two buffers, free lists, a byte budget."""
+    """A pgf_pool: pooled power-of-two buffers, exact larger ones, a byte budget."""
 
     def __init__(self, chunk: int, budget: int, keep: int) -> None:
         self._p = ffi.new("pgf_pool *")

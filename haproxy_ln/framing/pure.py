@@ -13,7 +13,7 @@ from haproxy_ln.framing import codes
 
 
 class PyPool:
-    """Buffers of power-of-two sizes with free lists and a byte budget."""
+    """Pooled power-of-two buffers up to 64 chunks, exact larger ones, a byte budget."""
 
     def __init__(self, chunk: int, budget: int, keep: int) -> None:
         self.chunk = chunk
@@ -25,13 +25,12 @@ class PyPool:
         self._free: list[list[bytearray]] = [[] for _ in range(codes.CLASSES)]
 
     def _size_class(self, need: int) -> tuple[int, int]:
-        size, c = self.chunk, 0
-        while size < need:
+        size = self.chunk
+        for c in range(codes.CLASSES):
+            if size >= need:
+                return c, size
             size <<= 1
-            c += 1
-            if c >= codes.CLASSES:
-                return -1, 0
-        return c, size
+        return -1, -(-need // self.chunk) * self.chunk
 
     def _drop_cached(self) -> None:
         for free in self._free:
@@ -43,9 +42,7 @@ class PyPool:
 
     def take(self, need: int) -> bytearray | None:
         c, size = self._size_class(need)
-        if c < 0:
-            return None
-        if self._free[c]:
+        if c >= 0 and self._free[c]:
             self.cached -= size
             self.in_use += size
             return self._free[c].pop()
@@ -61,7 +58,7 @@ class PyPool:
         cap = len(buf)
         c, _ = self._size_class(cap)
         self.in_use -= cap
-        if self.cached + cap <= self.keep:
+        if c >= 0 and self.cached + cap <= self.keep:
             self._free[c].append(buf)
             self.cached += cap
 

@@ -1,0 +1,501 @@
+"""The typed per-node configuration: one TOML file, validated into frozen models.
+
+`load` reads and validates a file and raises `ConfigError` listing every
+problem, each as one sentence naming the key, what was given and what is
+allowed; values of secret keys (`SecretStr`, `SecretBytes`, `Secret`) are never
+shown. `render` writes the effective configuration back as TOML that `load`
+accepts again.
+
+To add a section: write one `_Section` subclass and add it as a field of
+`Config`; errors and rendering pick it up without further changes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import pydantic
+import tomli_w
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    SecretBytes,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import ErrorDetails, PydanticCustomError, core_schema
+
+from haproxy_ln.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "HostPort",
+    "NodeConfig",
+    "ProxyConfig",
+    "format_problems",
+    "load",
+    "load_model",
+    "render",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+REDACTED = "<redacted>"
+# pydantic.Secret[T] exists from pydantic 2.7 on; SecretStr and SecretBytes always.
+_SECRET_TYPES: tuple[type, ...] = tuple(
+    t for t in (SecretStr, SecretBytes, getattr(pydantic, "Secret", None)) if t is not None
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+# --- value types ---------------------------------------------------------------------------
+
+_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_HOST_PORT_EXPECTED = "HOST:PORT with port 1..65535"
+
+
+def _host_port_error(reason: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "host_port",
+        "expected {expected}; {reason}",
+        {"expected": _HOST_PORT_EXPECTED, "reason": reason},
+    )
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_hostname(host: str) -> bool:
+    labels = host.removesuffix(".").split(".")
+    return (
+        len(host) <= 253
+        and all(_HOSTNAME_LABEL.match(label) for label in labels)
+        and not labels[-1].isdigit()  # all-numeric: a malformed IPv4 address, not a name
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """An address to listen on or connect to; written `host:port` or `[ipv6]:port`."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def parse(cls, value: object) -> HostPort:
+        """Parse `host:port` or `[ipv6]:port`; raises PydanticCustomError saying why not."""
+        if isinstance(value, HostPort):
+            return value
+        if not isinstance(value, str):
+            raise _host_port_error("not a string")
+        host, colon, port_text = value.rpartition(":")
+        if not colon or (value.startswith("[") and value.endswith("]")):
+            raise _host_port_error("no ':PORT' given")
+        if not re.fullmatch(r"[0-9]+", port_text):
+            raise _host_port_error(f"the port {port_text!r} is not a number")
+        if len(port_text) > 5 or not 1 <= int(port_text) <= 65535:
+            raise _host_port_error(f"port {port_text} is out of range")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise _host_port_error(f"{host!r} is not an IPv6 address") from None
+        elif ":" in host:
+            raise _host_port_error("an IPv6 host must be in brackets, e.g. [::1]:6432")
+        elif not host:
+            raise _host_port_error("the host is empty")
+        elif not _is_ipv4(host) and not _is_hostname(host):
+            raise _host_port_error(f"{host!r} is neither an IPv4 address nor a hostname")
+        return cls(host, int(port_text))
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: type[Any], handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls.parse,
+            serialization=core_schema.plain_serializer_function_ser_schema(str, when_used="json"),
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"type": "string", "description": _HOST_PORT_EXPECTED}
+
+
+_UNITS = (("GiB", GiB), ("MiB", MiB), ("KiB", KiB))
+
+
+def _size_toml(n: int) -> int | str:
+    """How a size is written to TOML: "64MiB" when a binary unit divides it, else int bytes."""
+    for unit, factor in _UNITS:
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return n
+
+
+def _size_text(n: int) -> str:
+    """`n` bytes for a message, e.g. "64MiB" or "1073741823 bytes (1GiB - 1)"."""
+    text = _size_toml(n)
+    if isinstance(text, str):
+        return text
+    just_below = _size_toml(n + 1)
+    return f"{n} bytes" + (f" ({just_below} - 1)" if isinstance(just_below, str) else "")
+
+
+@dataclass(frozen=True, slots=True)
+class SizeRange:
+    """Constrains a `ByteSize` field to lo..hi bytes (and optionally powers of two).
+
+    Use as `Annotated[ByteSize, SizeRange(lo, hi)]`; renders as "64MiB" when exact.
+    """
+
+    lo: int
+    hi: int
+    power_of_two: bool = False
+
+    @property
+    def expected(self) -> str:
+        kind = "a power-of-two size" if self.power_of_two else "a size"
+        return (
+            f"{kind} from {_size_text(self.lo)} to {_size_text(self.hi)}, "
+            'as an integer number of bytes or a string like "16KiB" or "64MiB"'
+        )
+
+    def _validate(self, value: object, handler: ValidatorFunctionWrapHandler) -> ByteSize:
+        try:
+            if isinstance(value, bool | float):  # ByteSize would take true as 1, 8192.7 as 8192
+                raise ValueError(value)
+            size: ByteSize = handler(value)
+        except (ValueError, ValidationError):
+            error = PydanticCustomError("size", "expected {expected}", {"expected": self.expected})
+            raise error from None
+        reason = None
+        if not self.lo <= size <= self.hi:
+            reason = f"{size} bytes is out of range"
+        elif self.power_of_two and size & (size - 1):
+            reason = f"{size} bytes is not a power of two"
+        if reason is not None:
+            raise PydanticCustomError(
+                "size",
+                "expected {expected}; {reason}",
+                {"expected": self.expected, "reason": reason},
+            )
+        return size
+
+    def __get_pydantic_core_schema__(
+        self, source: type[Any], handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_wrap_validator_function(
+            self._validate,
+            handler(source),
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                _size_toml, when_used="json"
+            ),
+        )
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    """Base of every section: immutable, unknown keys rejected, no type coercion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class NodeConfig(_Section):
+    """[node]: who this node is."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description='this node\'s name in the pair, e.g. "a"',
+    )
+
+
+class ProxyConfig(_Section):
+    """[proxy]: the PostgreSQL wire proxy in front of the local database."""
+
+    listen: HostPort = Field(
+        default=HostPort("127.0.0.1", 6432),
+        description="HOST:PORT the proxy listens on for the Lightning daemon",
+    )
+    upstream: HostPort = Field(
+        default=HostPort("127.0.0.1", 5432),
+        description="HOST:PORT of the local PostgreSQL",
+    )
+    max_message_size: Annotated[ByteSize, SizeRange(8 * KiB, GiB - 1)] = Field(
+        default=ByteSize(64 * MiB),
+        description="largest accepted length field of a client message, in bytes",
+    )
+    buffer_chunk: Annotated[ByteSize, SizeRange(4 * KiB, MiB, power_of_two=True)] = Field(
+        default=ByteSize(16 * KiB),
+        description="size of the standard pooled buffer",
+    )
+    buffer_budget: Annotated[ByteSize, SizeRange(MiB, 64 * GiB)] = Field(
+        default=ByteSize(256 * MiB),
+        description="total bytes all connection buffers may use together",
+    )
+    max_client_connections: int = Field(
+        default=1000, ge=1, le=100_000, description="most client connections at once"
+    )
+    startup_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="seconds a new client has to finish its startup message",
+    )
+    connect_timeout: float = Field(
+        default=5.0, gt=0, le=600, description="seconds to connect to upstream"
+    )
+
+    @field_validator("buffer_budget")
+    @classmethod
+    def _budget_fits_one_message(cls, budget: ByteSize, info: ValidationInfo) -> ByteSize:
+        # Absent when invalid themselves. A held message needs its own buffer
+        # (rounded up to whole chunks) plus the chunk being read when it began.
+        max_message = info.data.get("max_message_size")
+        chunk = info.data.get("buffer_chunk")
+        if max_message is None or chunk is None:
+            return budget
+        needed = max_message + 2 * chunk
+        if budget < needed:
+            raise PydanticCustomError(
+                "budget_below_message",
+                "expected {expected}; {reason}",
+                {
+                    "expected": "at least max_message_size + 2 x buffer_chunk "
+                    f"({_size_text(needed)})",
+                    "reason": "one message of max_message_size must fit in the budget: "
+                    "raise buffer_budget or lower max_message_size",
+                },
+            )
+        return budget
+
+
+class Config(_Section):
+    """One node's whole configuration file."""
+
+    node: NodeConfig = Field(description='the [node] table, e.g. [node] name = "a"')
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig, description="the [proxy] table")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated and Optional from a type annotation."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _is_model(tp: Any) -> typing.TypeGuard[type[BaseModel]]:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _contains_secret(tp: Any, seen: frozenset[Any] = frozenset()) -> bool:
+    """Whether a value of type `tp` is, or may hold, a secret."""
+    tp = _unwrap(tp)
+    base = typing.get_origin(tp) or tp
+    if isinstance(base, type) and issubclass(base, _SECRET_TYPES):
+        return True
+    if _is_model(tp):
+        return tp not in seen and any(
+            _contains_secret(f.annotation, seen | {tp}) for f in tp.model_fields.values()
+        )
+    return any(_contains_secret(a, seen) for a in typing.get_args(tp))
+
+
+def _resolve(model_cls: type[BaseModel], loc: tuple[int | str, ...]) -> FieldInfo | None:
+    """The field that `loc` points into, or None if it cannot be followed."""
+    tp: Any = model_cls
+    field = None
+    for part in loc:
+        tp = _unwrap(tp)
+        if _is_model(tp) and isinstance(part, str) and part in tp.model_fields:
+            field = tp.model_fields[part]
+            tp = field.annotation
+        elif isinstance(part, int) and typing.get_args(tp):
+            tp = typing.get_args(tp)[-1]  # list[X], tuple[X, ...], dict[K, X]
+        else:
+            return None
+    return field
+
+
+def _given(value: object) -> str:
+    if isinstance(value, dict):
+        return "a table with keys " + ", ".join(map(str, value)) if value else "an empty table"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_EXPECTED = {  # pydantic error type -> what is allowed; {names} come from the error's ctx
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "dict_type": "a table",
+    "list_type": "an array",
+    "string_pattern_mismatch": "a string matching {pattern}",
+    "string_too_short": "a string of length at least {min_length}",
+    "string_too_long": "a string of length at most {max_length}",
+    "too_short": "a value of length at least {min_length}",
+    "too_long": "a value of length at most {max_length}",
+    "literal_error": "one of {expected}",
+    "enum": "one of {expected}",
+}
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+_NUMBER_KINDS: dict[object, str] = {int: "an integer", float: "a number"}
+
+
+def _expected(err: ErrorDetails, field: FieldInfo | None, secret: bool) -> str:
+    """What is allowed where `err` happened, from pydantic's error type and context."""
+    kind, ctx = err["type"], err.get("ctx", {})
+    if "expected" in ctx and kind not in _EXPECTED:  # our own errors say it, maybe with why
+        return str(ctx["expected"]) + (f"; {ctx['reason']}" if "reason" in ctx else "")
+    if kind.startswith(("int_", "float_", "greater_than", "less_than")):  # say the whole range
+        number = _NUMBER_KINDS.get(field.annotation) if field else None
+        metadata = field.metadata if field else []
+        bounds = [f"{op} {getattr(m, k)}" for m in metadata for k, op in _BOUNDS if hasattr(m, k)]
+        bounds = bounds or [f"{op} {ctx[k]}" for k, op in _BOUNDS if k in ctx]
+        what = number or _EXPECTED.get(kind, "a value")
+        return " ".join([what, " and ".join(bounds)]).strip()
+    if kind in _EXPECTED:
+        return _EXPECTED[kind].format_map(ctx)
+    if secret:  # pydantic's own message may describe the input
+        return "a valid value"
+    return err["msg"][:1].lower() + err["msg"][1:]
+
+
+def _problem(model_cls: type[BaseModel], err: ErrorDetails) -> str:
+    """One pydantic error as one sentence: the key, what was given, what is allowed."""
+    loc = err["loc"]
+    key = ".".join(map(str, loc)) or "(top level)"
+    field = _resolve(model_cls, loc)
+    if err["type"] == "extra_forbidden":
+        parent = _resolve(model_cls, loc[:-1])
+        owner = model_cls if not loc[:-1] else _unwrap(parent.annotation) if parent else None
+        where = f"in [{'.'.join(map(str, loc[:-1]))}]" if loc[:-1] else "at top level"
+        allowed = ", ".join(sorted(owner.model_fields)) if _is_model(owner) else "none"
+        return f"{key}: unknown key; allowed keys {where}: {allowed}"
+    if err["type"] == "missing":
+        why = f" ({field.description})" if field and field.description else ""
+        return f"{key}: missing; required{why}"
+    secret = field is None or _contains_secret(field.annotation)  # unsure counts as secret
+    given = REDACTED if secret else _given(err["input"])
+    return f"{key}: got {given}; expected {_expected(err, field, secret)}"
+
+
+def format_problems(model_cls: type[BaseModel], exc: ValidationError) -> list[str]:
+    """Every error in `exc` (from validating `model_cls`) as one operator-facing sentence.
+
+    Never contains the value given for a secret field.
+    """
+    return [_problem(model_cls, err) for err in exc.errors(include_url=False)]
+
+
+# --- load and render -------------------------------------------------------------------------
+
+
+def _read_toml(name: str) -> dict[str, Any]:
+    try:
+        with open(name, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        problem = "file not found"
+    except IsADirectoryError:
+        problem = "is a directory, not a file"
+    except OSError as e:
+        problem = f"cannot read file: {e.strerror or e}"
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 text (bad byte at offset {e.start})"
+    except tomllib.TOMLDecodeError as e:
+        m = re.fullmatch(r"(?s)(.*) \(at line (\d+), column (\d+)\)", str(e))
+        if m:
+            problem = f"invalid TOML at line {m[2]}, column {m[3]}: {m[1]}"
+        else:
+            problem = f"invalid TOML: {e}"
+    raise ConfigError(name, [problem])
+
+
+def load_model(path: str | os.PathLike[str], model_cls: type[M]) -> M:
+    """Read the TOML file at `path` into `model_cls`; raises ConfigError listing all problems."""
+    name = os.fspath(path)
+    data = _read_toml(name)
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        # `from None`: the ValidationError's text would show the raw input, secrets included
+        raise ConfigError(name, format_problems(model_cls, exc)) from None
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate one node's configuration file; raises ConfigError."""
+    return load_model(path, Config)
+
+
+def _redact(value: object, dumped: Any) -> Any:
+    """`dumped` (the JSON-mode dump of `value`) with every secret replaced by REDACTED."""
+    if isinstance(value, _SECRET_TYPES):
+        return REDACTED
+    if isinstance(value, BaseModel) and isinstance(dumped, dict):
+        return {k: _redact(getattr(value, k, None), v) for k, v in dumped.items()}
+    if isinstance(value, dict) and isinstance(dumped, dict):
+        return {k: _redact(value.get(k), d) for k, d in dumped.items()}
+    if isinstance(value, list | tuple) and isinstance(dumped, list):
+        return [_redact(v, d) for v, d in zip(value, dumped, strict=False)]
+    return dumped
+
+
+def render(model: BaseModel) -> str:
+    """The effective configuration, defaults included, as TOML that loads back equal.
+
+    Secrets are written as "<redacted>"; keys whose value is None are left out.
+    """
+    dumped = model.model_dump(mode="json", exclude_none=True)
+    return tomli_w.dumps(_redact(model, dumped))

@@ -1,0 +1,222 @@
+"""Loopback ports and child-server lifetimes shared by the local servers.
+
+How this works: `free_port` asks the kernel for an unused loopback port by
+binding port 0; the port is released before the server binds it, so callers
+retry on EADDRINUSE. `Supervised` runs a server under a small supervisor
+process (`_supervise`, run with `python -c`). The supervisor starts the server,
+reports its pid, reaps it when it exits, and watches a "lifeline" pipe from
+us: when the pipe closes (our `close()`, or this Python process dying in any
+way, even SIGKILL) it sends the server its stop signals one after another,
+waiting `grace` seconds after each. So a server never outlives the process
+that started it, whatever thread started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pwd
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from haproxy_ln.errors import HaproxyLnError
+
+LOOPBACK = "127.0.0.1"
+SUPERVISOR = f"import sys; from {__name__} import _supervise; sys.exit(_supervise(sys.argv[1:]))"
+
+
+class LocalServerError(HaproxyLnError):
+    """A local test server could not be set up, started or used."""
+
+
+def free_ports(count: int) -> list[int]:
+    """Return `count` distinct loopback TCP ports that were free a moment ago.
+
+    The sockets are all open at once, so the ports differ from each other;
+    another process may still take one before the caller binds it.
+    """
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((LOOPBACK, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    """Return one loopback TCP port that was free a moment ago."""
+    return free_ports(1)[0]
+
+
+def scratch_dir(prefix: str = "haproxy-ln-") -> Path:
+    """Create a fresh directory under the system temp dir for local servers.
+
+    It is mode 0755 so the `postgres` user can reach clusters inside it when
+    we run as root; the caller removes it (shutil.rmtree) when done.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def log_size(path: Path) -> int:
+    """Current size of a log file (0 if it does not exist yet)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def read_log(path: Path, offset: int = 0, *, tail: int | None = None) -> str:
+    """A log file's text from byte `offset`, or only its last `tail` lines ("" if missing)."""
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return text if tail is None else "\n".join(text.splitlines()[-tail:])
+
+
+def as_user(user: str | None) -> dict[str, Any]:
+    """`subprocess` keyword arguments that run a child as OS user `user` (None: as us).
+
+    Raises `KeyError` if there is no such user.
+    """
+    if user is None:
+        return {}
+    pw = pwd.getpwnam(user)
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+class Supervised:
+    """A server process that dies with us; see the module docstring.
+
+    Raises `LocalServerError` if the supervisor cannot start the server.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        log: Path,
+        cwd: Path,
+        user: str | None = None,
+        stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGKILL),
+        grace: float = 10.0,
+    ) -> None:
+        cmd = [sys.executable, "-c", SUPERVISOR, "--grace", str(grace)]
+        cmd += ["--signals", ",".join(s.name for s in stop_signals)]
+        if user is not None:
+            cmd += ["--user", user]
+        self._grace = grace * len(stop_signals) + 5
+        with log.open("ab") as log_file:
+            self._proc = subprocess.Popen(
+                [*cmd, "--", *argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line.strip().isdigit():
+            self._proc.wait()
+            raise LocalServerError(f"could not start {argv[0]}; see {log}")
+        self.pid = int(line)
+        """Pid of the server itself (not of the supervisor)."""
+
+    def running(self) -> bool:
+        """Whether the server has not exited yet (its supervisor exits right after it)."""
+        return self._proc.poll() is None
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the server to exit; True if it has."""
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL the server now (no-op if it is gone)."""
+        if self.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Cut the lifeline, so the supervisor stops the server, and wait for both.
+
+        Never raises; idempotent.
+        """
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            self._proc.stdin.close()
+        if not self.wait(self._grace):
+            self.kill()
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+
+def _supervise(argv: Sequence[str]) -> int:
+    """Supervisor entry point: run the server, stop it when stdin closes."""
+    parser = argparse.ArgumentParser(prog="haproxy-ln-supervisor")
+    parser.add_argument("--grace", type=float, required=True)
+    parser.add_argument("--signals", required=True)
+    parser.add_argument("--user")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    stop_requested = False
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGHUP, request_stop)
+    child = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=2, stderr=2, **as_user(args.user)
+    )
+    print(child.pid, flush=True)
+    while child.poll() is None and not stop_requested:
+        readable, _, _ = select.select([0], [], [], 0.1)
+        if readable and not os.read(0, 4096):
+            stop_requested = True
+    for name in args.signals.split(","):
+        if child.poll() is not None:
+            break
+        child.send_signal(signal.Signals[name])
+        deadline = time.monotonic() + args.grace
+        while child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return child.wait()

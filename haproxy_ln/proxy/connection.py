@@ -1,0 +1,318 @@
+"""One client connection: startup, then two pumps, then a careful teardown.
+
+How this works: the startup phase reads the untyped first message (answering
+SSLRequest/GSSENCRequest with `N`, routing CancelRequest, refusing
+durability-lowering parameters and closed-gate admissions), connects to
+PostgreSQL and forwards the StartupMessage. Then one task pumps client to
+server and one server to client. Each pump waits for its socket to be
+readable, lets the framer read and scan into a pooled buffer, shows every
+held message to the session, and sends the window on, so streamed bytes
+are copied once, by the kernel-facing C code, and never allocated per
+message.
+
+Teardown is where funds are protected: when the client side ends for any
+reason (it left, the gate closed, it broke the protocol), the backend
+connection stays open, and its answers are read and dropped, for as long as
+the session says a commit may be waiting for the synchronous standby.
+Closing it earlier could let PostgreSQL give up that wait and commit
+locally only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import trio
+
+from haproxy_ln.errors import BufferBudgetExhausted, ProtocolViolation
+from haproxy_ln.framing import Framer, FramerAPI, codes
+from haproxy_ln.pgwire import messages, sql
+from haproxy_ln.pgwire.session import Session
+
+if TYPE_CHECKING:
+    from haproxy_ln.proxy.server import Proxy
+
+log = logging.getLogger(__name__)
+
+_TERMINATE = messages.build(b"X", b"")
+
+
+class ClientGone(Exception):
+    """The client closed its side."""
+
+
+class ClientConnection:
+    """The proxy side of one client connection and its backend connection."""
+
+    def __init__(self, proxy: Proxy, sock: trio.socket.SocketType) -> None:
+        self._proxy = proxy
+        self._client = sock
+        self._client_fd = sock.fileno()
+        self._server: trio.socket.SocketType | None = None
+        self._server_fd = -1
+        cfg = proxy.config
+        self._c = Framer(proxy.pool, codes.CLIENT_TABLE, cfg.max_message_size, untyped=True)
+        self._s = Framer(proxy.pool, codes.SERVER_TABLE, codes.SERVER_MAX_MESSAGE, untyped=False)
+        self.session = Session()
+        self._scope: trio.CancelScope | None = None
+        self._final_error: bytes | None = None
+        self._cancel_barrier: trio.Event | None = None
+        self._barrier_answers = 0
+        self._barrier_cancel_done = False
+        proxy.members.add(self)
+
+    # -- control from outside ------------------------------------------------
+
+    def terminate(self, error: bytes) -> None:
+        """End the client side now, telling it `error` if the stream allows."""
+        if self._final_error is None:
+            self._final_error = error
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection to its end; never raises for peer behaviour."""
+        proxy = self._proxy
+        try:
+            with trio.CancelScope() as self._scope:
+                try:
+                    if await self._startup():
+                        await self._relay()
+                except ProtocolViolation as e:
+                    proxy.stats.protocol_errors += 1
+                    log.info("client %s broke the protocol: %s", self._peer(), e)
+                    self._fail("08P01", f"protocol violation: {e}")
+                except BufferBudgetExhausted as e:
+                    log.warning("client %s: %s", self._peer(), e)
+                    self._fail("53200", str(e))
+                except (ClientGone, OSError):
+                    pass
+        finally:
+            proxy.members.discard(self)
+            proxy.gate.leave(self)
+            with trio.CancelScope(shield=True):
+                await self._teardown()
+
+    def _fail(self, sqlstate: str, text: str) -> None:
+        if self._final_error is None:
+            self._final_error = messages.error_response(sqlstate, text, fatal=True)
+
+    def _peer(self) -> str:
+        try:
+            host, port = self._client.getpeername()[:2]
+            return f"{host}:{port}"
+        except OSError:
+            return "?"
+
+    # -- startup -------------------------------------------------------------
+
+    async def _startup(self) -> bool:
+        """Run the startup phase; True when the relay should start."""
+        proxy = self._proxy
+        first = None
+        with trio.move_on_after(proxy.config.startup_timeout):
+            first = await self._first_message()
+            while isinstance(first, messages.SSLRequest | messages.GSSENCRequest):
+                self._c.drop()
+                await _send_all(self._client, messages.SSL_REFUSED)
+                self._c.expect_untyped()
+                first = await self._first_message()
+        if first is None:
+            self._fail("08P01", "startup packet not received in time")
+            return False
+        if isinstance(first, messages.CancelRequest):
+            self._c.drop()
+            await proxy.cancels.deliver(first)
+            return False
+        assert isinstance(first, messages.StartupMessage)
+        problem = sql.options_violation(first.params)
+        if problem:
+            self._fail("42501", f"haproxy-ln refused the connection: {problem}")
+            return False
+        if not proxy.gate.admit(self):
+            proxy.stats.rejected_gate += 1
+            self._final_error = proxy.gate.refusal()
+            return False
+        await self._connect_upstream()
+        self._c.accept()
+        await self._flush(self._c, self._server, self._server_fd)
+        return True
+
+    async def _first_message(self) -> messages.FirstMessage:
+        await self._next_held(self._c, self._client, self._client_fd)
+        return messages.parse_first(self._c.message())
+
+    async def _connect_upstream(self) -> None:
+        proxy = self._proxy
+        up = proxy.config.upstream
+        try:
+            with trio.fail_after(proxy.config.connect_timeout):
+                stream = await trio.open_tcp_stream(up.host, up.port)
+        except (OSError, trio.TooSlowError) as e:
+            log.warning("cannot reach PostgreSQL at %s: %s", up, e)
+            self._fail("08006", f"haproxy-ln cannot reach PostgreSQL at {up}")
+            raise ClientGone from e
+        self._server = stream.socket
+        self._server_fd = self._server.fileno()
+        self.session.proxy_key = proxy.cancels.register(self)
+
+    # -- relay -----------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_to_server, nursery.cancel_scope)
+            nursery.start_soon(self._pump_to_client, nursery.cancel_scope)
+
+    async def _pump_to_server(self, done: trio.CancelScope) -> None:
+        c, session = self._c, self.session
+        server, server_fd = self._server, self._server_fd
+        assert server is not None
+        try:
+            while True:
+                while (t := c.next()) != codes.MORE:
+                    replacement = session.client_message(c.message())
+                    if replacement is None:
+                        c.accept()
+                    else:
+                        await self._to_server(c, server, server_fd)
+                        c.drop()
+                        await _send_all(server, replacement)
+                    if t == ord("X"):
+                        break
+                await self._to_server(c, server, server_fd)
+                session.flushed()
+                if session.terminated:
+                    return
+                await trio.lowlevel.wait_readable(self._client_fd)
+                if c.recv(self._client_fd) == 0:
+                    return
+        finally:
+            done.cancel()
+
+    async def _pump_to_client(self, done: trio.CancelScope) -> None:
+        s, session = self._s, self.session
+        client, client_fd = self._client, self._client_fd
+        assert self._server is not None
+        try:
+            while True:
+                while s.next() != codes.MORE:
+                    replacement = session.server_message(s.message())
+                    if replacement is None:
+                        s.accept()
+                    else:
+                        await self._flush(s, client, client_fd)
+                        s.drop()
+                        await _send_all(client, replacement)
+                if s.pending():
+                    await self._flush(s, client, client_fd)
+                self._check_barrier()
+                await trio.lowlevel.wait_readable(self._server_fd)
+                if s.recv(self._server_fd) == 0:
+                    return
+        finally:
+            done.cancel()
+
+    async def _to_server(self, c: FramerAPI, server: trio.socket.SocketType, fd: int) -> None:
+        """Send the client's window on, unless a cancel is being absorbed."""
+        if c.pending():
+            while self._cancel_barrier is not None:
+                await self._cancel_barrier.wait()
+            await self._flush(c, server, fd)
+
+    async def _next_held(self, framer: FramerAPI, sock: trio.socket.SocketType, fd: int) -> int:
+        while (t := framer.next()) == codes.MORE:
+            await trio.lowlevel.wait_readable(sock)
+            if framer.recv(fd) == 0:
+                raise ClientGone
+        return t
+
+    @staticmethod
+    async def _flush(framer: FramerAPI, sock: trio.socket.SocketType | None, fd: int) -> None:
+        while framer.send(fd):
+            assert sock is not None
+            await trio.lowlevel.wait_writable(sock)
+
+    # -- cancel barrier ------------------------------------------------------
+
+    def hold_for_cancel(self) -> None:
+        """Hold client traffic until a cancel has been delivered and absorbed.
+
+        Released once PostgreSQL closed the cancel connection (the signal is
+        sent) and every request in flight now has been answered (the signal
+        has been consumed), so it cannot hit a commit sent afterwards.
+        """
+        self._cancel_barrier = trio.Event()
+        self._barrier_answers = self.session.answered + self.session.in_flight
+        self._barrier_cancel_done = False
+
+    def cancel_delivered(self) -> None:
+        self._barrier_cancel_done = True
+        self._check_barrier()
+
+    @property
+    def cancel_pending(self) -> bool:
+        return self._cancel_barrier is not None
+
+    def _check_barrier(self) -> None:
+        barrier = self._cancel_barrier
+        if (
+            barrier is not None
+            and self._barrier_cancel_done
+            and self.session.answered >= self._barrier_answers
+        ):
+            self._cancel_barrier = None
+            barrier.set()
+
+    # -- teardown ----------------------------------------------------------------
+
+    async def _teardown(self) -> None:
+        self._proxy.cancels.unregister(self)
+        if self._final_error is not None and self._s.at_boundary():
+            send_nowait(self._client_fd, self._final_error)
+        self._client.close()
+        clean_to_server = self._c.at_boundary()
+        self._c.close()
+        if self._server is not None:
+            if self.session.must_keep_backend():
+                await self._drain_backend()
+            if clean_to_server:
+                send_nowait(self._server_fd, _TERMINATE)
+            self._server.close()
+        self._s.close()
+
+    async def _drain_backend(self) -> None:
+        """Read and drop answers until no commit can be waiting any more."""
+        s, session, server = self._s, self.session, self._server
+        assert server is not None
+        log.info("client gone while a commit may wait for the standby; keeping the backend")
+        s.discard()
+        try:
+            while session.must_keep_backend():
+                while s.next() != codes.MORE:
+                    session.server_message(s.message())
+                    s.accept()
+                s.discard()
+                if not session.must_keep_backend():
+                    break
+                await trio.lowlevel.wait_readable(server)
+                if s.recv(self._server_fd) == 0:
+                    break
+        except (ProtocolViolation, OSError) as e:
+            log.warning("backend failed while draining: %s", e)
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view) :]
+
+
+def send_nowait(fd: int, data: bytes) -> None:
+    """Best effort for a last message: never blocks, never raises."""
+    with contextlib.suppress(OSError):
+        os.write(fd, data)

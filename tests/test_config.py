@@ -1,0 +1,532 @@
+"""The node configuration: loading, every kind of error, rendering, and `check-config`."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from haproxy_ln import __version__
+from haproxy_ln.cli import main
+from haproxy_ln.config import (
+    Config,
+    HostPort,
+    NodeConfig,
+    ProxyConfig,
+    format_problems,
+    load,
+    load_model,
+    render,
+)
+from haproxy_ln.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "haproxy-ln.example.toml"
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+DEFAULT_RENDER = """\
+[node]
+name = "a"
+
+[proxy]
+listen = "127.0.0.1:6432"
+upstream = "127.0.0.1:5432"
+max_message_size = "64MiB"
+buffer_chunk = "16KiB"
+buffer_budget = "256MiB"
+max_client_connections = 1000
+startup_timeout = 10.0
+connect_timeout = 5.0
+"""
+
+ALLOWED_PROXY_KEYS = (
+    "buffer_budget, buffer_chunk, connect_timeout, listen, max_client_connections, "
+    "max_message_size, startup_timeout, upstream"
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "node.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems_for(tmp_path: Path, text: str) -> list[str]:
+    """The problems `load` reports for a file with `text`; fails if it loads."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.path == str(path)
+    assert str(info.value).startswith(f"{path}: ")
+    return info.value.problems
+
+
+def proxy_problems(tmp_path: Path, body: str) -> list[str]:
+    return problems_for(tmp_path, f'[node]\nname = "a"\n[proxy]\n{body}\n')
+
+
+# --- valid files -----------------------------------------------------------------------------
+
+
+def test_example_loads_with_every_default() -> None:
+    config = load(EXAMPLE)
+    assert config == Config(node=NodeConfig(name="a"))
+    proxy = config.proxy
+    assert proxy.listen == HostPort("127.0.0.1", 6432)
+    assert proxy.upstream == HostPort("127.0.0.1", 5432)
+    assert proxy.max_message_size == 64 * MiB
+    assert proxy.buffer_budget == 256 * MiB
+    assert proxy.buffer_chunk == 16 * KiB
+    assert proxy.max_client_connections == 1000
+    assert proxy.startup_timeout == 10.0
+    assert proxy.connect_timeout == 5.0
+
+
+def test_example_names_every_key() -> None:
+    data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    assert set(data) == set(Config.model_fields)
+    assert set(data["node"]) == set(NodeConfig.model_fields)
+    assert set(data["proxy"]) == set(ProxyConfig.model_fields)
+
+
+def test_example_round_trips(tmp_path: Path) -> None:
+    config = load(EXAMPLE)
+    text = render(config)
+    assert text == DEFAULT_RENDER
+    assert load(write(tmp_path, text)) == config
+
+
+def test_minimal_file_renders_all_defaults(tmp_path: Path) -> None:
+    assert render(load(write(tmp_path, '[node]\nname = "a"\n'))) == DEFAULT_RENDER
+
+
+def test_non_default_values_round_trip(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            """
+            [node]
+            name = "node-b_2"
+            [proxy]
+            listen = "[::1]:7432"
+            upstream = "db.example.internal:5433"
+            max_message_size = 1073741823
+            buffer_budget = "2GiB"
+            buffer_chunk = 4096
+            max_client_connections = 100000
+            startup_timeout = 0.5
+            connect_timeout = 600
+            """,
+        )
+    )
+    proxy = config.proxy
+    assert proxy.listen == HostPort("::1", 7432)
+    assert str(proxy.listen) == "[::1]:7432"
+    assert str(proxy.upstream) == "db.example.internal:5433"
+    assert proxy.max_message_size == GiB - 1
+    assert proxy.buffer_budget == 2 * GiB
+    assert proxy.buffer_chunk == 4 * KiB
+    assert proxy.connect_timeout == 600.0
+    text = render(config)
+    assert 'listen = "[::1]:7432"' in text
+    assert "max_message_size = 1073741823\n" in text  # not a whole unit: plain bytes
+    assert 'buffer_budget = "2GiB"' in text
+    assert 'buffer_chunk = "4KiB"' in text
+    assert load(write(tmp_path, text, "again.toml")) == config
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("10.0.0.7:1", "10.0.0.7", 1),
+        ("localhost:65535", "localhost", 65535),
+        ("pg-1.example.com.:5432", "pg-1.example.com.", 5432),
+        ("[fe80::1%eth0]:5432", "fe80::1%eth0", 5432),
+        ("[2001:db8::2]:6432", "2001:db8::2", 6432),
+    ],
+)
+def test_host_port_forms(tmp_path: Path, text: str, host: str, port: int) -> None:
+    config = load(write(tmp_path, f'[node]\nname = "a"\n[proxy]\nupstream = "{text}"\n'))
+    assert config.proxy.upstream == HostPort(host, port)
+    assert str(config.proxy.upstream) == text
+
+
+def test_models_are_frozen() -> None:
+    config = load(EXAMPLE)
+    with pytest.raises(ValidationError, match="frozen"):
+        config.proxy.max_client_connections = 5
+    with pytest.raises(ValidationError, match="frozen"):
+        config.node = NodeConfig(name="b")
+    with pytest.raises(AttributeError):
+        config.proxy.listen.port = 1  # type: ignore[misc]
+    assert config.proxy.max_client_connections == 1000
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    assert problems_for(tmp_path, 'colour = "blue"\n[node]\nname = "a"\n') == [
+        "colour: unknown key; allowed keys at top level: node, proxy"
+    ]
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    assert problems_for(tmp_path, '[node]\nname = "a"\n[proxi]\nlisten = "x"\n') == [
+        "proxi: unknown key; allowed keys at top level: node, proxy"
+    ]
+
+
+def test_unknown_key_in_section_does_not_show_its_value(tmp_path: Path) -> None:
+    problems = proxy_problems(tmp_path, 'pasword = "hunter2"')
+    assert problems == [
+        f"proxy.pasword: unknown key; allowed keys in [proxy]: {ALLOWED_PROXY_KEYS}"
+    ]
+
+
+def test_missing_node_name(tmp_path: Path) -> None:
+    assert problems_for(tmp_path, "[node]\n") == [
+        'node.name: missing; required (this node\'s name in the pair, e.g. "a")'
+    ]
+
+
+def test_missing_node_section(tmp_path: Path) -> None:
+    assert problems_for(tmp_path, "") == [
+        'node: missing; required (the [node] table, e.g. [node] name = "a")'
+    ]
+
+
+def test_bad_node_name(tmp_path: Path) -> None:
+    assert problems_for(tmp_path, '[node]\nname = "Node A"\n') == [
+        "node.name: got 'Node A'; expected a string matching ^[a-z0-9][a-z0-9_-]{0,62}$"
+    ]
+
+
+def test_section_of_wrong_type(tmp_path: Path) -> None:
+    assert problems_for(tmp_path, 'proxy = 5\n[node]\nname = "a"\n') == [
+        "proxy: got 5; expected a table"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (
+            'max_client_connections = "many"',
+            "proxy.max_client_connections: got 'many'; expected an integer >= 1 and <= 100000",
+        ),
+        (
+            'max_client_connections = "10"',  # strict: no silent str -> int coercion
+            "proxy.max_client_connections: got '10'; expected an integer >= 1 and <= 100000",
+        ),
+        (
+            "max_client_connections = true",
+            "proxy.max_client_connections: got True; expected an integer >= 1 and <= 100000",
+        ),
+        (
+            "max_client_connections = 0",
+            "proxy.max_client_connections: got 0; expected an integer >= 1 and <= 100000",
+        ),
+        (
+            "max_client_connections = 100001",
+            "proxy.max_client_connections: got 100001; expected an integer >= 1 and <= 100000",
+        ),
+        (
+            'startup_timeout = "10s"',
+            "proxy.startup_timeout: got '10s'; expected a number > 0 and <= 600",
+        ),
+        (
+            "startup_timeout = 0",
+            "proxy.startup_timeout: got 0; expected a number > 0 and <= 600",
+        ),
+        (
+            "connect_timeout = 600.5",
+            "proxy.connect_timeout: got 600.5; expected a number > 0 and <= 600",
+        ),
+        (
+            "listen = 6432",
+            "proxy.listen: got 6432; expected HOST:PORT with port 1..65535; not a string",
+        ),
+    ],
+)
+def test_wrong_type_and_out_of_range(tmp_path: Path, line: str, problem: str) -> None:
+    assert proxy_problems(tmp_path, line) == [problem]
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        ("localhost", "no ':PORT' given"),
+        ("[::1]", "no ':PORT' given"),
+        ("::1:6432", "an IPv6 host must be in brackets, e.g. [::1]:6432"),
+        ("[::g]:6432", "'::g' is not an IPv6 address"),
+        ("[]:6432", "'' is not an IPv6 address"),
+        ("127.0.0.1:0", "port 0 is out of range"),
+        ("127.0.0.1:65536", "port 65536 is out of range"),
+        ("[::1]:70000", "port 70000 is out of range"),
+        ("127.0.0.1:99999999999999999999", "port 99999999999999999999 is out of range"),
+        ("127.0.0.1:http", "the port 'http' is not a number"),
+        ("127.0.0.1:-1", "the port '-1' is not a number"),
+        (":6432", "the host is empty"),
+        ("300.1.1.1:6432", "'300.1.1.1' is neither an IPv4 address nor a hostname"),
+        ("bad_host:6432", "'bad_host' is neither an IPv4 address nor a hostname"),
+        ("-db:6432", "'-db' is neither an IPv4 address nor a hostname"),
+    ],
+)
+def test_bad_host_port(tmp_path: Path, given: str, why: str) -> None:
+    assert proxy_problems(tmp_path, f"listen = '{given}'") == [
+        f"proxy.listen: got {given!r}; expected HOST:PORT with port 1..65535; {why}"
+    ]
+
+
+MESSAGE_SIZE = (
+    "a size from 8KiB to 1073741823 bytes (1GiB - 1), "
+    'as an integer number of bytes or a string like "16KiB" or "64MiB"'
+)
+CHUNK_SIZE = (
+    "a power-of-two size from 4KiB to 1MiB, "
+    'as an integer number of bytes or a string like "16KiB" or "64MiB"'
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (
+            'max_message_size = "4KiB"',
+            f"proxy.max_message_size: got '4KiB'; expected {MESSAGE_SIZE}; "
+            "4096 bytes is out of range",
+        ),
+        (
+            'max_message_size = "1GiB"',
+            f"proxy.max_message_size: got '1GiB'; expected {MESSAGE_SIZE}; "
+            "1073741824 bytes is out of range",
+        ),
+        (
+            'max_message_size = "lots"',
+            f"proxy.max_message_size: got 'lots'; expected {MESSAGE_SIZE}",
+        ),
+        (
+            'max_message_size = "64 parsecs"',
+            f"proxy.max_message_size: got '64 parsecs'; expected {MESSAGE_SIZE}",
+        ),
+        (
+            "max_message_size = 8192.5",
+            f"proxy.max_message_size: got 8192.5; expected {MESSAGE_SIZE}",
+        ),
+        (
+            "max_message_size = true",
+            f"proxy.max_message_size: got True; expected {MESSAGE_SIZE}",
+        ),
+        (
+            'buffer_budget = "65GiB"',
+            "proxy.buffer_budget: got '65GiB'; expected a size from 1MiB to 64GiB, "
+            'as an integer number of bytes or a string like "16KiB" or "64MiB"; '
+            "69793218560 bytes is out of range",
+        ),
+        (
+            'buffer_chunk = "12KiB"',
+            f"proxy.buffer_chunk: got '12KiB'; expected {CHUNK_SIZE}; "
+            "12288 bytes is not a power of two",
+        ),
+        (
+            "buffer_chunk = 2048",
+            f"proxy.buffer_chunk: got 2048; expected {CHUNK_SIZE}; 2048 bytes is out of range",
+        ),
+        (
+            'buffer_chunk = "2MiB"',
+            f"proxy.buffer_chunk: got '2MiB'; expected {CHUNK_SIZE}; 2097152 bytes is out of range",
+        ),
+    ],
+)
+def test_bad_sizes(tmp_path: Path, line: str, problem: str) -> None:
+    assert proxy_problems(tmp_path, line) == [problem]
+
+
+def test_budget_below_max_message_size(tmp_path: Path) -> None:
+    problems = proxy_problems(tmp_path, 'max_message_size = "512MiB"\nbuffer_budget = "128MiB"')
+    assert problems == [
+        "proxy.buffer_budget: got '128MiB'; expected at least max_message_size + 2 x "
+        "buffer_chunk (524320KiB); one message of max_message_size must fit in the budget: "
+        "raise buffer_budget or lower max_message_size"
+    ]
+
+
+def test_budget_rule_applies_to_the_default_max_message_size(tmp_path: Path) -> None:
+    problems = proxy_problems(tmp_path, 'buffer_budget = "64MiB"')
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        "proxy.buffer_budget: got '64MiB'; expected at least max_message_size + 2 x "
+        "buffer_chunk (65568KiB); "
+    )
+
+
+def test_budget_just_fitting_one_message_is_fine(tmp_path: Path) -> None:
+    config = load(write(tmp_path, '[node]\nname = "a"\n[proxy]\nbuffer_budget = "65568KiB"\n'))
+    proxy = config.proxy
+    assert proxy.buffer_budget == proxy.max_message_size + 2 * proxy.buffer_chunk
+
+
+def test_all_problems_are_reported_together(tmp_path: Path) -> None:
+    problems = problems_for(
+        tmp_path,
+        'typo = 1\n[node]\n[proxy]\nlisten = "x"\nbuffer_chunk = "3KiB"\nstartup_timeout = -1\n',
+    )
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "node.name",
+        "proxy.listen",
+        "proxy.buffer_chunk",
+        "proxy.startup_timeout",
+        "typo",
+    ]
+
+
+def test_toml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    assert problems_for(tmp_path, '[node]\nname = "a"\n[proxy]\nlisten = \n') == [
+        "invalid TOML at line 4, column 10: Invalid value"
+    ]
+
+
+def test_duplicate_key_is_a_syntax_error(tmp_path: Path) -> None:
+    problems = problems_for(tmp_path, '[node]\nname = "a"\nname = "b"\n')
+    assert len(problems) == 1
+    assert problems[0].startswith("invalid TOML at line 3, column ")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.path == str(path)
+    assert info.value.problems == ["file not found"]
+    assert str(info.value) == f"{path}: file not found"
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path)
+    assert info.value.problems == ["is a directory, not a file"]
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[node]\nname = "\xe9"\n')
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.problems == ["not UTF-8 text (bad byte at offset 15)"]
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+SECRET = "correct-horse-battery"
+
+
+class Vault(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    user: str = Field(min_length=1)
+    password: SecretStr = Field(min_length=30)
+    tokens: list[SecretStr] = []
+
+
+class SecretConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    vault: Vault
+
+
+def secret_problems(tmp_path: Path, text: str) -> list[str]:
+    path = write(tmp_path, text, "secret.toml")
+    with pytest.raises(ConfigError) as info:
+        load_model(path, SecretConfig)
+    error = info.value
+    assert error.__cause__ is None
+    assert error.__suppress_context__  # the ValidationError (with raw input) is not shown
+    assert SECRET not in str(error)
+    assert SECRET not in repr(error.args)
+    return error.problems
+
+
+def test_secret_never_in_error_messages(tmp_path: Path) -> None:
+    problems = secret_problems(
+        tmp_path,
+        f'[vault]\nuser = 7\npassword = "{SECRET}"\ntokens = ["{SECRET}", 5]\n',
+    )
+    assert problems == [
+        "vault.user: got 7; expected a string",  # non-secret values are still shown
+        "vault.password: got <redacted>; expected a value of length at least 30",
+        "vault.tokens.1: got <redacted>; expected a string",
+    ]
+
+
+def test_secret_of_wrong_type_is_redacted(tmp_path: Path) -> None:
+    assert secret_problems(tmp_path, f'[vault]\nuser = "u"\npassword = {len(SECRET)}\n') == [
+        "vault.password: got <redacted>; expected a string"
+    ]
+
+
+def test_section_holding_a_secret_is_redacted(tmp_path: Path) -> None:
+    assert secret_problems(tmp_path, f'vault = "{SECRET}"\n') == [
+        "vault: got <redacted>; expected a table"
+    ]
+
+
+def test_format_problems_works_for_any_model() -> None:
+    with pytest.raises(ValidationError) as info:
+        SecretConfig.model_validate({"vault": {"user": "", "password": SECRET, "x": SECRET}})
+    problems = format_problems(SecretConfig, info.value)
+    assert problems == [
+        "vault.user: got ''; expected a string of length at least 1",
+        "vault.password: got <redacted>; expected a value of length at least 30",
+        "vault.x: unknown key; allowed keys in [vault]: password, tokens, user",
+    ]
+
+
+def test_render_redacts_secrets() -> None:
+    config = SecretConfig(
+        vault=Vault(user="admin", password=SecretStr(SECRET * 2), tokens=[SecretStr(SECRET)])
+    )
+    text = render(config)
+    assert SECRET not in text
+    assert tomllib.loads(text) == {
+        "vault": {"user": "admin", "password": "<redacted>", "tokens": ["<redacted>"]}
+    }
+
+
+# --- check-config ----------------------------------------------------------------------------
+
+
+def test_cli_check_config_prints_effective_config() -> None:
+    result = CliRunner().invoke(main, ["check-config", str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == DEFAULT_RENDER
+    assert result.stderr == ""
+
+
+def test_cli_check_config_lists_every_problem(tmp_path: Path) -> None:
+    path = write(tmp_path, 'bogus = 1\n[node]\nname = "a"\n[proxy]\nlisten = "localhost"\n')
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"error: {path} is invalid:\n"
+        "  - proxy.listen: got 'localhost'; expected HOST:PORT with port 1..65535; "
+        "no ':PORT' given\n"
+        "  - bogus: unknown key; allowed keys at top level: node, proxy\n"
+    )
+
+
+def test_cli_check_config_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {path} is invalid:\n  - file not found\n"
+
+
+def test_cli_version() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"haproxy-ln, version {__version__}\n"
