@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from haproxy_ln.local import EtcdServer, PostgresCluster, scratch_dir
+from harness import ProxyThread
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +68,13 @@ def etcd(local_servers_dir: Path) -> Iterator[EtcdServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def proxy(pg_session: PostgresCluster) -> Iterator[ProxyThread]:
+    """A proxy (gate open, default settings) in front of the session cluster."""
+    running = ProxyThread(pg_session).start()
+    try:
+        yield running
+    finally:
+        running.stop()

@@ -93,10 +93,10 @@ class ClientConnection:
                 except (ClientGone, OSError):
                     pass
         finally:
-            proxy.members.discard(self)
             proxy.gate.leave(self)
             with trio.CancelScope(shield=True):
                 await self._teardown()
+            proxy.members.discard(self)
 
     def _fail(self, sqlstate: str, text: str) -> None:
         if self._final_error is None:
@@ -188,7 +188,7 @@ class ClientConnection:
                 session.flushed()
                 if session.terminated:
                     return
-                await trio.lowlevel.wait_readable(self._client_fd)
+                await trio.lowlevel.wait_readable(self._client)
                 if c.recv(self._client_fd) == 0:
                     return
         finally:
@@ -211,7 +211,7 @@ class ClientConnection:
                 if s.pending():
                     await self._flush(s, client, client_fd)
                 self._check_barrier()
-                await trio.lowlevel.wait_readable(self._server_fd)
+                await trio.lowlevel.wait_readable(self._server)
                 if s.recv(self._server_fd) == 0:
                     return
         finally:
