@@ -1,7 +1,7 @@
 """cffi build script (API mode, out of line) for haproxy_ln._native.
 
 `pip install .` runs it through setup.py's cffi_modules; the declarations
-below mirror native/pgframe.h.
+below mirror native/pgframe.h, pgsession.h and pgrelay.h.
 """
 
 from pathlib import Path
@@ -52,14 +52,66 @@ ffibuilder.cdef(
     void pgf_discard(pgf_framer *f);
     int pgf_at_boundary(const pgf_framer *f);
     void pgf_expect_untyped(pgf_framer *f);
+
+    #define PGS_MAX_IN_FLIGHT ...
+    #define PGS_MAX_NAMES ...
+    #define PGS_MAX_NAME ...
+    #define PGS_OK ...
+    #define PGS_CHECK ...
+    #define PGS_ERR_QUERY ...
+    #define PGS_ERR_NAME ...
+    #define PGS_ERR_FIELD ...
+    #define PGS_ERR_CLOSE ...
+    #define PGS_ERR_CLOSE_KIND ...
+    #define PGS_ERR_RFQ ...
+
+    typedef struct pgs_name { uint8_t len; uint8_t flags; char name[]; ...; } pgs_name;
+    typedef struct pgs_session {
+        uint8_t status; uint8_t ready; uint8_t copy_in; uint8_t terminated; uint8_t overflow;
+        uint8_t n_statements; uint8_t n_portals;
+        int err_value;
+        uint64_t answered;
+        uint32_t head; uint32_t count;
+        uint8_t groups[];
+        pgs_name statements[];
+        pgs_name portals[];
+        ...;
+    } pgs_session;
+
+    void pgs_init(pgs_session *s);
+    int pgs_classify(const uint8_t *text, size_t len);
+    int pgs_client(pgs_session *s, const uint8_t *msg, size_t len, int checked);
+    int pgs_server(pgs_session *s, const uint8_t *msg, size_t len);
+    void pgs_flushed(pgs_session *s);
+    int pgs_cancel_is_safe(const pgs_session *s);
+    int pgs_must_keep_backend(const pgs_session *s);
+
+    #define PGR_EOF ...
+    #define PGR_ERROR ...
+    #define PGR_ESCALATE ...
+    #define PGR_REQUESTED ...
+
+    typedef struct pgr_conn { int reason; ...; } pgr_conn;
+    typedef struct pgr_relay { int notify_fd; ...; } pgr_relay;
+
+    int pgr_start(pgr_relay *r);
+    void pgr_stop(pgr_relay *r);
+    void pgr_attach(pgr_relay *r, pgr_conn *c, int client_fd, int server_fd,
+                    pgf_framer *to_server, pgf_framer *to_client, pgs_session *session);
+    void pgr_detach(pgr_relay *r, pgr_conn *c);
+    int pgr_take(pgr_relay *r, pgr_conn **out, int max);
     """
 )
 ffibuilder.set_source(
     "haproxy_ln._native",
-    '#include "pgframe.h"',
-    sources=[str((HERE / "pgframe.c").relative_to(HERE.parent))],
+    '#include "pgframe.h"\n#include "pgsession.h"\n#include "pgrelay.h"',
+    sources=[
+        str((HERE / name).relative_to(HERE.parent))
+        for name in ("pgframe.c", "pgsession.c", "pgrelay.c")
+    ],
     include_dirs=[str(HERE.relative_to(HERE.parent))],
-    extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror"],
+    extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

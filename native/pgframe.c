@@ -23,6 +23,7 @@ void pgf_pool_init(pgf_pool *p, size_t chunk, size_t budget, size_t keep)
     p->chunk = chunk;
     p->budget = budget;
     p->keep = keep;
+    pthread_mutex_init(&p->mu, NULL);
 }
 
 /* The free list for `need` bytes and the size to allocate; -1: not pooled. */
@@ -53,10 +54,12 @@ static void drop_cached(pgf_pool *p)
 
 void pgf_pool_clear(pgf_pool *p)
 {
+    pthread_mutex_lock(&p->mu);
     drop_cached(p);
+    pthread_mutex_unlock(&p->mu);
 }
 
-static uint8_t *pool_take(pgf_pool *p, size_t need, size_t *cap)
+static uint8_t *pool_take_locked(pgf_pool *p, size_t need, size_t *cap)
 {
     size_t size;
     int c = size_class(p, need, &size);
@@ -81,8 +84,17 @@ static uint8_t *pool_take(pgf_pool *p, size_t need, size_t *cap)
     return b;
 }
 
+static uint8_t *pool_take(pgf_pool *p, size_t need, size_t *cap)
+{
+    pthread_mutex_lock(&p->mu);
+    uint8_t *b = pool_take_locked(p, need, cap);
+    pthread_mutex_unlock(&p->mu);
+    return b;
+}
+
 static void pool_give(pgf_pool *p, uint8_t *b, size_t cap)
 {
+    pthread_mutex_lock(&p->mu);
     size_t size;
     int c = size_class(p, cap, &size);
     p->in_use -= cap;
@@ -93,6 +105,7 @@ static void pool_give(pgf_pool *p, uint8_t *b, size_t cap)
     } else {
         free(b);
     }
+    pthread_mutex_unlock(&p->mu);
 }
 
 /* ---- framer -------------------------------------------------------------- */

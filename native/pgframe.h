@@ -26,6 +26,7 @@
 #ifndef PGFRAME_H
 #define PGFRAME_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -54,6 +55,7 @@ typedef struct pgf_pool {
     size_t cached;   /* bytes in the free lists now */
     uint64_t mallocs; /* buffers ever allocated from the system */
     void *free_list[PGF_CLASSES];
+    pthread_mutex_t mu; /* Python's thread and the relay thread share a pool */
 } pgf_pool;
 
 typedef struct pgf_framer {

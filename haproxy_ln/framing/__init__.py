@@ -1,6 +1,6 @@
-"""Wire framing: the C framer when built, else its pure-Python twin.
+"""Wire framing and session tracking: C when built, else the Python twins.
 
-`Pool` and `Framer` are the implementation in use; `NATIVE` says which, and
+`Pool`, `Framer` and `Session` are the implementations in use; `NATIVE` says which, and
 `native_problem` why the C one is missing. Set HAPROXY_LN_PURE=1 to force
 the twin (the tests drive both explicitly). Both satisfy `FramerAPI`.
 """
@@ -9,6 +9,7 @@ import os
 from typing import Protocol
 
 from haproxy_ln.framing.pure import PyFramer, PyPool
+from haproxy_ln.pgwire.session import Session as PySession
 
 
 class FramerAPI(Protocol):
@@ -29,16 +30,20 @@ class FramerAPI(Protocol):
 
 Pool: type[PyPool]
 Framer: type[PyFramer]
+Session: type[PySession]
 native_problem: str | None
 
 if os.environ.get("HAPROXY_LN_PURE") == "1":
-    Pool, Framer, native_problem = PyPool, PyFramer, "disabled by HAPROXY_LN_PURE=1"
+    Pool, Framer, Session = PyPool, PyFramer, PySession
+    native_problem = "disabled by HAPROXY_LN_PURE=1"
 else:
     try:
-        from haproxy_ln.framing.native import CFramer, CPool
+        from haproxy_ln.framing.native import CFramer, CPool, CSession
     except ImportError as e:
-        Pool, Framer, native_problem = PyPool, PyFramer, f"C extension not importable: {e}"
+        Pool, Framer, Session = PyPool, PyFramer, PySession
+        native_problem = f"C extension not importable: {e}"
     else:
-        Pool, Framer, native_problem = CPool, CFramer, None  # type: ignore[assignment]
+        Pool, Framer, Session = CPool, CFramer, CSession  # type: ignore[assignment]
+        native_problem = None
 
 NATIVE = native_problem is None

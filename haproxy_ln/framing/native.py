@@ -1,11 +1,16 @@
-"""The C framer (native/pgframe.c) behind the same API as pure.PyFramer.
+"""The C framer and session (native/) behind the APIs of their Python twins.
 
 Importing this module raises ImportError when the extension was not built;
 haproxy_ln.framing then falls back to the twin and says so.
 """
 
+from typing import NoReturn
+
 from haproxy_ln._native import ffi, lib
+from haproxy_ln.errors import ProtocolViolation
 from haproxy_ln.framing import codes
+from haproxy_ln.pgwire import messages
+from haproxy_ln.pgwire import session as session_mod
 
 
 class CPool:
@@ -104,3 +109,86 @@ class CFramer:
 
     def expect_untyped(self) -> None:
         lib.pgf_expect_untyped(self._f)
+
+
+_SESSION_ERRORS = {
+    lib.PGS_ERR_QUERY: session_mod.QUERY_UNTERMINATED,
+    lib.PGS_ERR_NAME: messages.NAME_MALFORMED,
+    lib.PGS_ERR_FIELD: messages.FIELD_UNTERMINATED,
+    lib.PGS_ERR_CLOSE: session_mod.CLOSE_TOO_SHORT,
+    lib.PGS_ERR_RFQ: session_mod.MALFORMED_RFQ,
+}
+
+
+class CSession:
+    """The C session (native/pgsession.c) behind pgwire.session.Session's API.
+
+    The relay thread runs the same C structure without the GIL; Python uses
+    this wrapper whenever the connection is not attached to the relay.
+    """
+
+    def __init__(self, proxy_key: tuple[int, bytes] | None = None) -> None:
+        self._s = ffi.new("pgs_session *")
+        lib.pgs_init(self._s)
+        self.backend_key: tuple[int, bytes] | None = None
+        self.proxy_key = proxy_key
+
+    @property
+    def status(self) -> bytes:
+        return bytes([self._s.status])
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._s.ready)
+
+    @property
+    def copy_in(self) -> bool:
+        return bool(self._s.copy_in)
+
+    @property
+    def terminated(self) -> bool:
+        return bool(self._s.terminated)
+
+    @property
+    def answered(self) -> int:
+        return int(self._s.answered)
+
+    @property
+    def in_flight(self) -> int:
+        return int(self._s.count)
+
+    @property
+    def full(self) -> bool:
+        return int(self._s.count) >= lib.PGS_MAX_IN_FLIGHT
+
+    def cancel_is_safe(self) -> bool:
+        return bool(lib.pgs_cancel_is_safe(self._s))
+
+    def must_keep_backend(self) -> bool:
+        return bool(lib.pgs_must_keep_backend(self._s))
+
+    def flushed(self) -> None:
+        lib.pgs_flushed(self._s)
+
+    def _raise(self, r: int) -> NoReturn:
+        if r == lib.PGS_ERR_CLOSE_KIND:
+            raise ProtocolViolation(session_mod.CLOSE_UNKNOWN_KIND.format(self._s.err_value))
+        raise ProtocolViolation(_SESSION_ERRORS[r])
+
+    def client_message(self, msg: bytes | memoryview) -> bytes | None:
+        buf = ffi.from_buffer(msg)
+        r = lib.pgs_client(self._s, buf, len(msg), 0)
+        if r == lib.PGS_CHECK:
+            lib.pgs_client(self._s, buf, len(msg), 1)
+            return session_mod.durability_replacement(msg)
+        if r < 0:
+            self._raise(r)
+        return None
+
+    def server_message(self, msg: bytes | memoryview) -> bytes | None:
+        if msg[0] == ord("K"):
+            return session_mod.remap_backend_key(self, msg)
+        r = lib.pgs_server(self._s, ffi.from_buffer(msg), len(msg))
+        if r < 0:
+            self._raise(r)
+        return None

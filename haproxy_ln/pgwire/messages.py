@@ -22,6 +22,9 @@ SSL_REFUSED = b"N"
 _NUL = re.compile(b"\0")
 _MAX_NAME = 1024  # statement and portal names longer than this are not names
 
+FIELD_UNTERMINATED = "message field is not terminated by a zero byte"
+NAME_MALFORMED = "statement or portal name is unterminated or too long"
+
 
 @dataclass(frozen=True)
 class SSLRequest:
@@ -93,7 +96,7 @@ def cstring(msg: bytes | memoryview, start: int) -> tuple[bytes, int]:
     """
     m = _NUL.search(msg, start)
     if m is None:
-        raise ProtocolViolation("message field is not terminated by a zero byte")
+        raise ProtocolViolation(FIELD_UNTERMINATED)
     return bytes(msg[start : m.start()]), m.end()
 
 
@@ -101,7 +104,7 @@ def name_at(msg: bytes | memoryview, start: int) -> tuple[bytes, int]:
     """A statement or portal name: a short zero-terminated string."""
     m = _NUL.search(msg, start, start + _MAX_NAME + 1)
     if m is None:
-        raise ProtocolViolation("statement or portal name is unterminated or too long")
+        raise ProtocolViolation(NAME_MALFORMED)
     return bytes(msg[start : m.start()]), m.end()
 
 

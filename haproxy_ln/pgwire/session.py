@@ -26,13 +26,19 @@ exactly as for any failing statement.
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from haproxy_ln.errors import ProtocolViolation
 from haproxy_ln.pgwire import messages, sql
 
-# Bound on remembered statement/portal names whose text may commit; past it,
-# every named statement is assumed to commit (safe, and bounded memory).
-MAX_TRACKED_NAMES = 10_000
+# Names of statements and portals whose text may commit are remembered, up to
+# MAX_TRACKED_NAMES of each and MAX_TRACKED_NAME bytes long; past either
+# bound every named statement is assumed to commit (safe, bounded memory).
+MAX_TRACKED_NAMES = 16
+MAX_TRACKED_NAME = 63
+# Requests in flight at most: the pumps stop reading a client that pipelines
+# more until answers come back, so a session's memory stays bounded.
+MAX_IN_FLIGHT = 64
 
 DURABILITY_SQLSTATE = "42501"
 DURABILITY_HINT = (
@@ -42,6 +48,11 @@ DURABILITY_HINT = (
 )
 
 _UNKNOWN = sql.COMMITS | sql.TXN_CONTROL
+
+QUERY_UNTERMINATED = "Query is not terminated by a zero byte"
+CLOSE_TOO_SHORT = "Close message is too short"
+CLOSE_UNKNOWN_KIND = "Close message names unknown kind 0x{:02x}"
+MALFORMED_RFQ = "malformed ReadyForQuery"
 
 
 @dataclass
@@ -83,6 +94,11 @@ class Session:
         """Requests sent (or being sent) that PostgreSQL has not answered."""
         return len(self._groups)
 
+    @property
+    def full(self) -> bool:
+        """MAX_IN_FLIGHT requests are unanswered: read no more client messages."""
+        return len(self._groups) >= MAX_IN_FLIGHT
+
     def cancel_is_safe(self) -> bool:
         """No request in flight could be waiting for the synchronous standby."""
         return not any(g.could_commit for g in self._groups)
@@ -107,15 +123,12 @@ class Session:
         t = msg[0]
         if t == ord("Q"):
             if msg[-1] != 0:
-                raise ProtocolViolation("Query is not terminated by a zero byte")
-            text = msg[5:-1]
-            flags = sql.classify(text)
+                raise ProtocolViolation(QUERY_UNTERMINATED)
+            flags = sql.classify(msg[5:-1])
             g = self._new_group(flags)
             g.executes = g.closed = g.triggered = True
             if flags & sql.MENTIONS_SYNC_COMMIT:
-                problem = sql.durability_violation(bytes(text).decode(errors="replace"))
-                if problem:
-                    return messages.query(_refusal(problem))
+                return durability_replacement(msg)
         elif t == ord("P"):
             name, i = messages.name_at(msg, 5)
             text, _ = messages.cstring(msg, i)
@@ -123,9 +136,7 @@ class Session:
             self._remember(self._statements, name, flags)
             self._open_group()
             if flags & sql.MENTIONS_SYNC_COMMIT:
-                problem = sql.durability_violation(text.decode(errors="replace"))
-                if problem:
-                    return messages.parse(name, _refusal(problem))
+                return durability_replacement(msg)
         elif t == ord("B"):
             portal, i = messages.name_at(msg, 5)
             statement, _ = messages.name_at(msg, i)
@@ -172,7 +183,7 @@ class Session:
         flags &= sql.COMMITS | sql.TXN_CONTROL
         if not flags:
             names.pop(name, None)
-        elif len(names) < MAX_TRACKED_NAMES or name in names:
+        elif name in names or (len(names) < MAX_TRACKED_NAMES and len(name) <= MAX_TRACKED_NAME):
             names[name] = flags
         else:
             self._names_overflow = True
@@ -180,7 +191,7 @@ class Session:
 
     def _close_name(self, msg: bytes | memoryview) -> None:
         if len(msg) < 7:
-            raise ProtocolViolation("Close message is too short")
+            raise ProtocolViolation(CLOSE_TOO_SHORT)
         kind = msg[5]
         name, _ = messages.name_at(msg, 6)
         if kind == ord("S"):
@@ -188,7 +199,7 @@ class Session:
         elif kind == ord("P"):
             self._portals.pop(name, None)
         else:
-            raise ProtocolViolation(f"Close message names unknown kind 0x{kind:02x}")
+            raise ProtocolViolation(CLOSE_UNKNOWN_KIND.format(kind))
 
     # -- server messages -----------------------------------------------------
 
@@ -200,7 +211,7 @@ class Session:
         t = msg[0]
         if t == ord("Z"):
             if len(msg) != 6 or msg[5] not in b"ITE":
-                raise ProtocolViolation("malformed ReadyForQuery")
+                raise ProtocolViolation(MALFORMED_RFQ)
             self.status = bytes(msg[5:6])
             self.ready = True
             self.copy_in = False
@@ -208,12 +219,38 @@ class Session:
             if self._groups and self._groups[0].closed:
                 self._groups.popleft()
         elif t == ord("K"):
-            self.backend_key = messages.parse_backend_key_data(msg)
-            if self.proxy_key is not None:
-                return messages.backend_key_data(*self.proxy_key)
+            return remap_backend_key(self, msg)
         elif t in (ord("G"), ord("W")):
             self.copy_in = True
         return None
+
+
+class KeyHolder(Protocol):
+    backend_key: tuple[int, bytes] | None
+    proxy_key: tuple[int, bytes] | None
+
+
+def remap_backend_key(session: KeyHolder, msg: bytes | memoryview) -> bytes | None:
+    """Record the backend's key; the client gets the proxy's key instead."""
+    session.backend_key = messages.parse_backend_key_data(msg)
+    if session.proxy_key is None:
+        return None
+    return messages.backend_key_data(*session.proxy_key)
+
+
+def durability_replacement(msg: bytes | memoryview) -> bytes | None:
+    """For a Query or Parse naming synchronous_commit: its refusal, if it lowers it."""
+    if msg[0] == ord("Q"):
+        name, text = None, bytes(msg[5:-1])
+    else:
+        name, i = messages.name_at(msg, 5)
+        text, _ = messages.cstring(msg, i)
+    problem = sql.durability_violation(text.decode(errors="replace"))
+    if problem is None:
+        return None
+    if name is None:
+        return messages.query(_refusal(problem))
+    return messages.parse(name, _refusal(problem))
 
 
 def _refusal(problem: str) -> str:
