@@ -27,13 +27,14 @@ T = TypeVar("T")
 class ProxyThread:
     """`Proxy` in front of `cluster`, listening on a free loopback port."""
 
-    def __init__(self, cluster: PostgresCluster, **settings: Any) -> None:
+    def __init__(self, cluster: PostgresCluster, *, relay: bool = True, **settings: Any) -> None:
         config = ProxyConfig.model_validate(
             {"upstream": f"{cluster.host}:{cluster.port}", **settings}
         )
         # Port 0 (the kernel picks) is not valid operator input, so set it here.
         self.config = config.model_copy(update={"listen": HostPort("127.0.0.1", 0)})
         self.cluster = cluster
+        self.relay = relay
         self.port = 0
         self._token: trio.lowlevel.TrioToken | None = None
         self._proxy: Proxy | None = None
@@ -63,7 +64,7 @@ class ProxyThread:
 
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
-        self._proxy = Proxy(self.config, Gate(is_open=True))
+        self._proxy = Proxy(self.config, Gate(is_open=True), use_relay=self.relay)
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(self._proxy.serve)
             self.port = addresses[0][1]

@@ -54,7 +54,7 @@ def Z(status: bytes) -> bytes:
 
 
 def ready(impl: type[AnySession], status: bytes = b"I") -> AnySession:
-    s = impl(proxy_key=(7, b"abcd"))
+    s = impl(proxy_secret=b"abcd")
     s.server_message(Z(status))
     return s
 
@@ -167,10 +167,10 @@ def test_backend_waiting_for_copy_data_is_not_committing(impl: type[AnySession])
 
 
 def test_backend_key_is_remapped(impl: type[AnySession]) -> None:
-    s = impl(proxy_key=(7, b"abcd"))
+    s = impl(proxy_secret=b"abcd")
     out = s.server_message(msg(b"K", struct.pack("!I", 4242) + b"wxyz"))
     assert s.backend_key == (4242, b"wxyz")
-    assert out == msg(b"K", struct.pack("!I", 7) + b"abcd")
+    assert out == msg(b"K", struct.pack("!I", 4242) + b"abcd")  # the backend's pid, our secret
 
 
 def test_durability_lowering_query_is_replaced_by_an_in_order_error(impl: type[AnySession]) -> None:
@@ -359,7 +359,7 @@ def apply(s: AnySession, kind: str, m: bytes) -> object:
 def test_c_session_matches_python_session_after_every_message(
     steps: list[tuple[str, bytes]],
 ) -> None:
-    py, c = Session(proxy_key=(1, b"abcd")), CSession(proxy_key=(1, b"abcd"))
+    py, c = Session(proxy_secret=b"abcd"), CSession(proxy_secret=b"abcd")
     for kind, m in steps:
         if kind == "client" and py.full:
             continue  # the pumps never feed a full session

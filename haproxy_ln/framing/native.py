@@ -127,11 +127,11 @@ class CSession:
     this wrapper whenever the connection is not attached to the relay.
     """
 
-    def __init__(self, proxy_key: tuple[int, bytes] | None = None) -> None:
+    def __init__(self, proxy_secret: bytes | None = None) -> None:
         self._s = ffi.new("pgs_session *")
         lib.pgs_init(self._s)
         self.backend_key: tuple[int, bytes] | None = None
-        self.proxy_key = proxy_key
+        self.proxy_secret = proxy_secret
 
     @property
     def status(self) -> bytes:
@@ -159,7 +159,7 @@ class CSession:
 
     @property
     def full(self) -> bool:
-        return int(self._s.count) >= lib.PGS_MAX_IN_FLIGHT
+        return int(self._s.count) >= int(lib.PGS_MAX_IN_FLIGHT)
 
     def cancel_is_safe(self) -> bool:
         return bool(lib.pgs_cancel_is_safe(self._s))

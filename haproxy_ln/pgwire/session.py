@@ -74,14 +74,14 @@ class _Group:
 class Session:
     """Transaction and request tracking for one client connection."""
 
-    def __init__(self, proxy_key: tuple[int, bytes] | None = None) -> None:
+    def __init__(self, proxy_secret: bytes | None = None) -> None:
         self.status = b"I"
         self.ready = False  # the first ReadyForQuery has arrived
         self.copy_in = False  # PostgreSQL is waiting for COPY data from us
         self.terminated = False  # the client sent Terminate
         self.answered = 0  # ReadyForQuery messages seen
         self.backend_key: tuple[int, bytes] | None = None
-        self.proxy_key = proxy_key
+        self.proxy_secret = proxy_secret
         self._groups: deque[_Group] = deque()
         self._statements: dict[bytes, int] = {}
         self._portals: dict[bytes, int] = {}
@@ -227,15 +227,20 @@ class Session:
 
 class KeyHolder(Protocol):
     backend_key: tuple[int, bytes] | None
-    proxy_key: tuple[int, bytes] | None
+    proxy_secret: bytes | None
 
 
 def remap_backend_key(session: KeyHolder, msg: bytes | memoryview) -> bytes | None:
-    """Record the backend's key; the client gets the proxy's key instead."""
+    """Record the backend's key; the client gets the proxy's secret instead.
+
+    The pid stays the backend's own, so clients still recognise their own
+    notifications and pg_backend_pid(); only the secret, which would let a
+    client cancel behind the proxy's back, is replaced.
+    """
     session.backend_key = messages.parse_backend_key_data(msg)
-    if session.proxy_key is None:
+    if session.proxy_secret is None:
         return None
-    return messages.backend_key_data(*session.proxy_key)
+    return messages.backend_key_data(session.backend_key[0], session.proxy_secret)
 
 
 def durability_replacement(msg: bytes | memoryview) -> bytes | None:

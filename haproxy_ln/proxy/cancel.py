@@ -1,16 +1,15 @@
 """CancelRequest routing by remapped BackendKeyData.
 
-Clients never see a backend's real key: each connection gets a random key
-from us, and a CancelRequest is matched against those (constant-time on the
-secret) and forwarded with the real key to the backend of that connection
-only. A cancel that could release a synchronous-replication wait is
+Clients never see a backend's real cancel secret: each connection gets a
+random secret from us (with the backend's own pid), and a CancelRequest is
+matched by secret and pid and forwarded with the real key to the backend of
+that connection only. A cancel that could release a synchronous-replication wait is
 withheld: PostgreSQL answers such a cancel by committing locally without
 the standby, which is exactly the rollback a failover must never see.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 from typing import TYPE_CHECKING
@@ -27,36 +26,35 @@ log = logging.getLogger(__name__)
 
 
 class CancelRouter:
-    """The proxy's table of client-visible backend keys."""
+    """The proxy's table of client-visible cancel secrets."""
 
     def __init__(self, proxy: Proxy) -> None:
         self._proxy = proxy
-        self._by_pid: dict[int, tuple[bytes, ClientConnection]] = {}
+        self._by_secret: dict[bytes, ClientConnection] = {}
 
-    def register(self, conn: ClientConnection) -> tuple[int, bytes]:
-        """A fresh random key for `conn`, unique among live connections."""
-        pid = secrets.randbits(31) | 1
-        while pid in self._by_pid:
-            pid = secrets.randbits(31) | 1
+    def register(self, conn: ClientConnection) -> bytes:
+        """A fresh random secret for `conn`, unique among live connections."""
         secret = secrets.token_bytes(4)
-        self._by_pid[pid] = (secret, conn)
-        return pid, secret
+        while secret in self._by_secret:
+            secret = secrets.token_bytes(4)
+        self._by_secret[secret] = conn
+        return secret
 
     def unregister(self, conn: ClientConnection) -> None:
-        key = conn.session.proxy_key
-        if key is not None and self._by_pid.get(key[0], (b"", None))[1] is conn:
-            del self._by_pid[key[0]]
+        secret = conn.session.proxy_secret
+        if secret is not None and self._by_secret.get(secret) is conn:
+            del self._by_secret[secret]
 
     async def deliver(self, request: messages.CancelRequest) -> None:
         """Forward a client's cancel to the matching backend, if it is safe."""
         stats = self._proxy.stats
-        entry = self._by_pid.get(request.pid)
-        if entry is None or not hmac.compare_digest(entry[0], request.secret):
+        conn = self._by_secret.get(request.secret)
+        key = conn.session.backend_key if conn is not None else None
+        if conn is None or key is None or key[0] != request.pid:
             stats.cancels_unmatched += 1
             return
-        conn = entry[1]
-        backend_key = conn.session.backend_key
-        if backend_key is None or conn.cancel_pending:
+        await conn.reclaim()  # the session's state lives with the relay thread otherwise
+        if conn.cancel_pending:
             stats.cancels_unmatched += 1
             return
         if not conn.session.cancel_is_safe():
@@ -68,7 +66,7 @@ class CancelRouter:
             return
         conn.hold_for_cancel()
         try:
-            await self._send(backend_key)
+            await self._send(key)
         finally:
             conn.cancel_delivered()
 

@@ -23,16 +23,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
 from haproxy_ln.errors import BufferBudgetExhausted, ProtocolViolation
-from haproxy_ln.framing import Framer, FramerAPI, codes
+from haproxy_ln.framing import Framer, FramerAPI, Session, codes
 from haproxy_ln.pgwire import messages, sql
-from haproxy_ln.pgwire.session import Session
 
 if TYPE_CHECKING:
+    from haproxy_ln.framing.relay import Attachment
     from haproxy_ln.proxy.server import Proxy
 
 log = logging.getLogger(__name__)
@@ -57,11 +59,15 @@ class ClientConnection:
         self._c = Framer(proxy.pool, codes.CLIENT_TABLE, cfg.max_message_size, untyped=True)
         self._s = Framer(proxy.pool, codes.SERVER_TABLE, codes.SERVER_MAX_MESSAGE, untyped=False)
         self.session = Session()
+        self._attachment: Attachment | None = None
+        self._failure: Exception | None = None
         self._scope: trio.CancelScope | None = None
         self._final_error: bytes | None = None
         self._cancel_barrier: trio.Event | None = None
         self._barrier_answers = 0
         self._barrier_cancel_done = False
+        self._room = trio.Event()
+        self._at_ready = False
         proxy.members.add(self)
 
     # -- control from outside ------------------------------------------------
@@ -83,6 +89,8 @@ class ClientConnection:
                 try:
                     if await self._startup():
                         await self._relay()
+                    if self._failure is not None:
+                        raise self._failure
                 except ProtocolViolation as e:
                     proxy.stats.protocol_errors += 1
                     log.info("client %s broke the protocol: %s", self._peer(), e)
@@ -159,63 +167,102 @@ class ClientConnection:
             raise ClientGone from e
         self._server = stream.socket
         self._server_fd = self._server.fileno()
-        self.session.proxy_key = proxy.cancels.register(self)
+        self.session.proxy_secret = proxy.cancels.register(self)
 
     # -- relay -----------------------------------------------------------------
 
     async def _relay(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_to_server, nursery.cancel_scope)
-            nursery.start_soon(self._pump_to_client, nursery.cancel_scope)
+        """Relay until either side ends; the relay thread does the steady state."""
+        relay = self._proxy.relay
+        if relay is not None:
+            if not await self._pumps(until_ready=True):
+                return
+            self._attachment = relay.attach(
+                self._client_fd, self._server_fd, self._c, self._s, self.session
+            )
+            try:
+                await self._attachment.returned.wait()
+            finally:
+                await self._attachment.reclaim()
+        await self._pumps(until_ready=False)
 
-    async def _pump_to_server(self, done: trio.CancelScope) -> None:
+    async def reclaim(self) -> None:
+        """Take the connection back from the relay thread, if it has it."""
+        if self._attachment is not None:
+            await self._attachment.reclaim()
+
+    async def _pumps(self, *, until_ready: bool) -> bool:
+        """Run both pumps in Python; True if they stopped at the first ReadyForQuery."""
+        self._at_ready = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, self._pump_to_server, nursery.cancel_scope)
+            nursery.start_soon(
+                self._pump, partial(self._pump_to_client, until_ready), nursery.cancel_scope
+            )
+        return self._at_ready and self._failure is None
+
+    async def _pump(self, pump: Callable[[], Awaitable[None]], done: trio.CancelScope) -> None:
+        try:
+            await pump()
+        except (ProtocolViolation, BufferBudgetExhausted, ClientGone, OSError) as e:
+            if self._failure is None:
+                self._failure = e
+        finally:
+            done.cancel()
+
+    async def _pump_to_server(self) -> None:
         c, session = self._c, self.session
         server, server_fd = self._server, self._server_fd
         assert server is not None
-        try:
-            while True:
-                while (t := c.next()) != codes.MORE:
-                    replacement = session.client_message(c.message())
-                    if replacement is None:
-                        c.accept()
-                    else:
-                        await self._to_server(c, server, server_fd)
-                        c.drop()
+        while True:
+            while not session.full and (t := c.next()) != codes.MORE:
+                replacement = session.client_message(c.message())
+                if replacement is None:
+                    c.accept()
+                else:
+                    await self._to_server(c, server, server_fd)
+                    c.drop()
+                    with trio.CancelScope(shield=True):
                         await _send_all(server, replacement)
-                    if t == ord("X"):
-                        break
-                await self._to_server(c, server, server_fd)
-                session.flushed()
-                if session.terminated:
-                    return
-                await trio.lowlevel.wait_readable(self._client)
-                if c.recv(self._client_fd) == 0:
-                    return
-        finally:
-            done.cancel()
+                if t == ord("X"):
+                    break
+            await self._to_server(c, server, server_fd)
+            session.flushed()
+            if session.terminated:
+                return
+            if session.full:
+                self._room = trio.Event()
+                await self._room.wait()
+                continue
+            await trio.lowlevel.wait_readable(self._client_fd)
+            if c.recv(self._client_fd) == 0:
+                return
 
-    async def _pump_to_client(self, done: trio.CancelScope) -> None:
+    async def _pump_to_client(self, until_ready: bool) -> None:
         s, session = self._s, self.session
         client, client_fd = self._client, self._client_fd
         assert self._server is not None
-        try:
-            while True:
-                while s.next() != codes.MORE:
-                    replacement = session.server_message(s.message())
-                    if replacement is None:
-                        s.accept()
-                    else:
-                        await self._flush(s, client, client_fd)
-                        s.drop()
-                        await _send_all(client, replacement)
-                if s.pending():
+        while True:
+            while s.next() != codes.MORE:
+                replacement = session.server_message(s.message())
+                if replacement is None:
+                    s.accept()
+                else:
                     await self._flush(s, client, client_fd)
-                self._check_barrier()
-                await trio.lowlevel.wait_readable(self._server)
-                if s.recv(self._server_fd) == 0:
-                    return
-        finally:
-            done.cancel()
+                    s.drop()
+                    with trio.CancelScope(shield=True):
+                        await _send_all(client, replacement)
+            if s.pending():
+                await self._flush(s, client, client_fd)
+            self._check_barrier()
+            if not session.full:
+                self._room.set()
+            if until_ready and session.ready:
+                self._at_ready = True
+                return
+            await trio.lowlevel.wait_readable(self._server_fd)
+            if s.recv(self._server_fd) == 0:
+                return
 
     async def _to_server(self, c: FramerAPI, server: trio.socket.SocketType, fd: int) -> None:
         """Send the client's window on, unless a cancel is being absorbed."""

@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -23,6 +24,9 @@ from haproxy_ln.pgwire import messages
 from haproxy_ln.proxy.cancel import CancelRouter
 from haproxy_ln.proxy.connection import ClientConnection, send_nowait
 from haproxy_ln.proxy.gate import Gate
+
+if TYPE_CHECKING:
+    from haproxy_ln.framing.relay import NativeRelay
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class ProxyStats:
 class Proxy:
     """A PostgreSQL proxy in session mode: one backend connection per client."""
 
-    def __init__(self, config: ProxyConfig, gate: Gate) -> None:
+    def __init__(self, config: ProxyConfig, gate: Gate, *, use_relay: bool = True) -> None:
         self.config = config
         self.gate = gate
         self.pool = framing.Pool(
@@ -62,6 +66,8 @@ class Proxy:
         self.members: set[ClientConnection] = set()
         self.stats = ProxyStats()
         self.addresses: list[tuple[str, int]] = []
+        self.relay: NativeRelay | None = None
+        self._use_relay = use_relay and framing.NATIVE
         self._accepting = trio.CancelScope()
 
     async def serve(
@@ -71,14 +77,26 @@ class Proxy:
         listen = self.config.listen
         listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
         self.addresses = [lst.socket.getsockname()[:2] for lst in listeners]
-        async with trio.open_nursery() as connections:
-            with self._accepting:
-                async with trio.open_nursery() as accepting:
+        if self._use_relay:
+            from haproxy_ln.framing.relay import NativeRelay
+
+            self.relay = NativeRelay()
+        try:
+            async with trio.open_nursery() as background:
+                if self.relay is not None:
+                    background.start_soon(self.relay.watch)
+                async with trio.open_nursery() as connections:
+                    with self._accepting:
+                        async with trio.open_nursery() as accepting:
+                            for listener in listeners:
+                                accepting.start_soon(self._accept_loop, listener, connections)
+                            task_status.started(self.addresses)
                     for listener in listeners:
-                        accepting.start_soon(self._accept_loop, listener, connections)
-                    task_status.started(self.addresses)
-            for listener in listeners:
-                await listener.aclose()
+                        await listener.aclose()
+                background.cancel_scope.cancel()
+        finally:
+            if self.relay is not None:
+                self.relay.close()
 
     def stop(self) -> None:
         """Stop accepting and terminate every client; serve() then returns."""
@@ -118,7 +136,7 @@ def _tune(sock: trio.socket.SocketType) -> None:
 async def run_standalone(config: ProxyConfig) -> None:
     """Run the proxy alone with the gate open until SIGTERM or SIGINT."""
     if framing.NATIVE:
-        log.info("framing: native C extension")
+        log.info("framing: native C extension, relay thread on")
     else:
         log.warning("framing: pure-Python fallback (%s)", framing.native_problem)
     proxy = Proxy(config, Gate(is_open=True))
