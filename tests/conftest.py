@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import ProxyThread
 
 from haproxy_ln.local import EtcdServer, PostgresCluster, scratch_dir
-from harness import ProxyThread
 
 
 @pytest.fixture(scope="session")
