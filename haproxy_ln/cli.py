@@ -84,3 +84,13 @@ def proxy(
         fail_config(ConfigError("command line", format_problems(ProxyConfig, exc)))
     setup_logging(log_level)
     trio.run(run_standalone, config)
+
+
+@main.command()
+@click.option("--seconds", type=click.IntRange(1, 3600), default=10, show_default=True)
+@click.option("--clients", type=click.IntRange(1, 64), default=4, show_default=True)
+def demo(seconds: int, clients: int) -> None:
+    """Start a local PostgreSQL and the proxy in front of it; run pgbench through it."""
+    from haproxy_ln.demo import run_demo
+
+    raise SystemExit(run_demo(seconds, clients, lambda text: click.echo(f"* {text}", err=True)))
