@@ -163,3 +163,20 @@ def test_ten_thousand_idle_connections_are_refused_and_memory_stays_bounded(
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_deep_pipeline_is_paced_not_buffered(any_proxy: ProxyThread) -> None:
+    client = RawClient(any_proxy.port)
+    client.startup()
+    n = 1000  # far beyond the 64 requests in flight a session tracks
+    client.send(
+        b"".join(
+            b"Q" + struct.pack("!I", 4 + len(q)) + q for q in (b"select %d\0" % i for i in range(n))
+        )
+    )
+    answers = []
+    for _ in range(n):
+        msgs = client.read_until(b"Z")
+        answers.append([body for mtype, body in msgs if mtype == b"D"][0])
+    assert answers == [struct.pack("!HI", 1, len(str(i))) + str(i).encode() for i in range(n)]
+    still_serves(any_proxy)

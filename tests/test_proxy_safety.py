@@ -48,6 +48,21 @@ def rows(cluster: PostgresCluster) -> int:
     return int(row[0])
 
 
+@pytest.fixture(params=[True, False], ids=["relay", "pumps"])
+def relay(request: pytest.FixtureRequest) -> bool:
+    """Run each test with the C relay thread and with Python's pumps only."""
+    return bool(request.param)
+
+
+@pytest.fixture
+def proxy(pg_session: PostgresCluster, relay: bool) -> Iterator[ProxyThread]:
+    running = ProxyThread(pg_session, relay=relay).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 @pytest.fixture
 def syncrep(pg: PostgresCluster) -> Iterator[PostgresCluster]:
     """A cluster whose commits wait for a synchronous standby that never comes."""
@@ -85,7 +100,7 @@ def insert_in_thread(dsn: str, app: str) -> tuple[threading.Thread, list[object]
     return thread, outcome
 
 
-def test_cancel_never_releases_sync_wait(syncrep: PostgresCluster) -> None:
+def test_cancel_never_releases_sync_wait(syncrep: PostgresCluster, relay: bool) -> None:
     # Control: cancelling directly makes PostgreSQL commit without the standby.
     thread, outcome = insert_in_thread(syncrep.dsn(), "direct")
     wait_for(lambda: syncrep_waiters(syncrep, "direct") == 1, "the direct commit to wait")
@@ -93,7 +108,7 @@ def test_cancel_never_releases_sync_wait(syncrep: PostgresCluster) -> None:
     thread.join(WAIT)
     assert outcome == ["committed"] and rows(syncrep) == 1  # committed locally only
 
-    proxy = ProxyThread(syncrep).start()
+    proxy = ProxyThread(syncrep, relay=relay).start()
     try:
         thread, outcome = insert_in_thread(proxy.dsn(), "proxied")
         wait_for(lambda: syncrep_waiters(syncrep, "proxied") == 1, "the proxied commit to wait")
@@ -126,8 +141,10 @@ def pg_socket_state(cluster: PostgresCluster, app: str) -> str:
     raise AssertionError("socket not found")
 
 
-def test_client_leaving_never_closes_backend_during_sync_wait(syncrep: PostgresCluster) -> None:
-    proxy = ProxyThread(syncrep).start()
+def test_client_leaving_never_closes_backend_during_sync_wait(
+    syncrep: PostgresCluster, relay: bool
+) -> None:
+    proxy = ProxyThread(syncrep, relay=relay).start()
     try:
         client = RawClient(proxy.port)
         client.startup(application_name="leaver")
