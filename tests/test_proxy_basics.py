@@ -2,6 +2,8 @@
 
 import subprocess
 
+import psycopg
+import pytest
 from harness import ProxyThread
 
 
@@ -18,3 +20,17 @@ def psql(proxy: ProxyThread, sql: str) -> str:
 def test_psql_query_through_the_proxy(proxy: ProxyThread) -> None:
     assert psql(proxy, "select 40 + 2") == "42\n"
     assert proxy.proxy.stats.connections_total == 1
+
+
+def test_connection_returns_to_the_relay_thread_after_python_handled_a_message(
+    proxy: ProxyThread,
+) -> None:
+    stats = proxy.proxy.stats
+    with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+        assert stats.relay_attaches == 1
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("set synchronous_commit = off")  # the C session defers to Python
+        for i in range(3):
+            assert conn.execute("select %s::int", (i,)).fetchone() == (i,)
+        assert stats.relay_attaches == 2

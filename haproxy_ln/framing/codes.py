@@ -26,6 +26,12 @@ CLASSES = 7  # pooled sizes: chunk << 0 .. chunk << 6; larger ones are exact
 ALLOW = 1
 HOLD = 2
 
+# Why the relay thread handed a connection back (native/pgrelay.h).
+RELAY_EOF = 1
+RELAY_ERROR = 2
+RELAY_ESCALATE = 3
+RELAY_REQUESTED = 4
+
 
 def raise_for(code: int, value: int, max_message: int) -> NoReturn:
     """Raise the exception for a negative result code (other than MORE)."""

@@ -15,12 +15,15 @@ import os
 import trio
 
 from haproxy_ln._native import ffi, lib
+from haproxy_ln.framing import codes
 from haproxy_ln.framing.native import CFramer, CSession
 
-EOF_ = lib.PGR_EOF
-ERROR = lib.PGR_ERROR
-ESCALATE = lib.PGR_ESCALATE
-REQUESTED = lib.PGR_REQUESTED
+assert (lib.PGR_EOF, lib.PGR_ERROR, lib.PGR_ESCALATE, lib.PGR_REQUESTED) == (
+    codes.RELAY_EOF,
+    codes.RELAY_ERROR,
+    codes.RELAY_ESCALATE,
+    codes.RELAY_REQUESTED,
+)
 _BATCH = 64
 
 

@@ -67,7 +67,8 @@ class ClientConnection:
         self._barrier_answers = 0
         self._barrier_cancel_done = False
         self._room = trio.Event()
-        self._at_ready = False
+        self._client_idle = False
+        self._quiet = False
         proxy.members.add(self)
 
     # -- control from outside ------------------------------------------------
@@ -172,34 +173,44 @@ class ClientConnection:
     # -- relay -----------------------------------------------------------------
 
     async def _relay(self) -> None:
-        """Relay until either side ends; the relay thread does the steady state."""
+        """Relay until either side ends; the relay thread does the steady state.
+
+        Python's pumps run the startup, and take over whenever the relay thread
+        hands the connection back: for a message it leaves to Python, or for a
+        cancel. At the next quiet point the connection goes back to the thread;
+        at the end of a stream or an error, Python's pumps meet it and report.
+        """
         relay = self._proxy.relay
-        if relay is not None:
-            if not await self._pumps(until_ready=True):
+        while relay is not None:
+            if not await self._pumps(until_quiet=True):
                 return
             self._attachment = relay.attach(
                 self._client_fd, self._server_fd, self._c, self._s, self.session
             )
+            self._proxy.stats.relay_attaches += 1
             try:
                 await self._attachment.returned.wait()
             finally:
-                await self._attachment.reclaim()
-        await self._pumps(until_ready=False)
+                reason = await self._attachment.reclaim()
+                self._attachment = None
+            if reason in (codes.RELAY_EOF, codes.RELAY_ERROR):
+                break
+        await self._pumps(until_quiet=False)
 
     async def reclaim(self) -> None:
         """Take the connection back from the relay thread, if it has it."""
         if self._attachment is not None:
             await self._attachment.reclaim()
 
-    async def _pumps(self, *, until_ready: bool) -> bool:
-        """Run both pumps in Python; True if they stopped at the first ReadyForQuery."""
-        self._at_ready = False
+    async def _pumps(self, *, until_quiet: bool) -> bool:
+        """Run both pumps in Python; True if they stopped at a quiet point."""
+        self._quiet = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, self._pump_to_server, nursery.cancel_scope)
             nursery.start_soon(
-                self._pump, partial(self._pump_to_client, until_ready), nursery.cancel_scope
+                self._pump, partial(self._pump_to_client, until_quiet), nursery.cancel_scope
             )
-        return self._at_ready and self._failure is None
+        return self._quiet and self._failure is None
 
     async def _pump(self, pump: Callable[[], Awaitable[None]], done: trio.CancelScope) -> None:
         try:
@@ -234,11 +245,13 @@ class ClientConnection:
                 self._room = trio.Event()
                 await self._room.wait()
                 continue
+            self._client_idle = True  # everything the client sent has been handled
             await trio.lowlevel.wait_readable(self._client_fd)
+            self._client_idle = False
             if c.recv(self._client_fd) == 0:
                 return
 
-    async def _pump_to_client(self, until_ready: bool) -> None:
+    async def _pump_to_client(self, until_quiet: bool) -> None:
         s, session = self._s, self.session
         client, client_fd = self._client, self._client_fd
         assert self._server is not None
@@ -257,12 +270,21 @@ class ClientConnection:
             self._check_barrier()
             if not session.full:
                 self._room.set()
-            if until_ready and session.ready:
-                self._at_ready = True
+            if until_quiet and self._is_quiet():
+                self._quiet = True
                 return
             await trio.lowlevel.wait_readable(self._server_fd)
             if s.recv(self._server_fd) == 0:
                 return
+
+    def _is_quiet(self) -> bool:
+        """Nothing half done: the relay thread may take over now."""
+        return (
+            self.session.ready
+            and self._client_idle
+            and self._cancel_barrier is None
+            and not self._s.pending()
+        )
 
     async def _to_server(self, c: FramerAPI, server: trio.socket.SocketType, fd: int) -> None:
         """Send the client's window on, unless a cancel is being absorbed."""

@@ -49,6 +49,7 @@ class ProxyStats:
     cancels_withheld: int = 0
     cancels_unmatched: int = 0
     protocol_errors: int = 0
+    relay_attaches: int = 0  # connections lent to the C relay thread (again)
 
 
 class Proxy:
