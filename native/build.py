@@ -110,7 +110,15 @@ ffibuilder.set_source(
         for name in ("pgframe.c", "pgsession.c", "pgrelay.c")
     ],
     include_dirs=[str(HERE.relative_to(HERE.parent))],
-    extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-pthread"],
+    extra_compile_args=[
+        "-O2",
+        "-std=c11",
+        "-D_GNU_SOURCE",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-pthread",
+    ],
     extra_link_args=["-pthread"],
 )
 

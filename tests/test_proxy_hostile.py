@@ -177,6 +177,6 @@ def test_deep_pipeline_is_paced_not_buffered(any_proxy: ProxyThread) -> None:
     answers = []
     for _ in range(n):
         msgs = client.read_until(b"Z")
-        answers.append([body for mtype, body in msgs if mtype == b"D"][0])
+        answers.append(next(body for mtype, body in msgs if mtype == b"D"))
     assert answers == [struct.pack("!HI", 1, len(str(i))) + str(i).encode() for i in range(n)]
     still_serves(any_proxy)

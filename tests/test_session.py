@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from haproxy_ln._native import ffi
+from haproxy_ln._native import ffi, lib
 from haproxy_ln.errors import ProtocolViolation
 from haproxy_ln.framing.native import CSession
 from haproxy_ln.pgwire import session as session_mod
+from haproxy_ln.pgwire import sql
 from haproxy_ln.pgwire.session import Session
 
 AnySession = Session | CSession
@@ -370,7 +371,4 @@ def test_c_session_matches_python_session_after_every_message(
 @settings(max_examples=300, deadline=None)
 @given(text=st.binary(max_size=60) | sql_texts.map(str.encode))
 def test_c_classification_matches_python(text: bytes) -> None:
-    from haproxy_ln._native import lib
-    from haproxy_ln.pgwire import sql
-
     assert lib.pgs_classify(text, len(text)) == sql.classify(text)
