@@ -206,6 +206,7 @@ class AllocCase:
     args: tuple[str, ...]
     messages_per_txn: int
     transactions: int
+    relay: bool = True  # the C relay thread relays; else Python's pumps do
 
 
 @dataclass(frozen=True)
@@ -264,11 +265,11 @@ async def _measure_case(proxy: Proxy, port: int, case: AllocCase, warmup: int) -
 
 
 async def _allocations_main(
-    upstream_port: int, cases: Sequence[AllocCase], warmup: int
+    upstream_port: int, cases: Sequence[AllocCase], warmup: int, relay: bool
 ) -> list[AllocResult]:
     config = ProxyConfig.model_validate({"upstream": f"{LOOPBACK}:{upstream_port}"})
     config = config.model_copy(update={"listen": HostPort(LOOPBACK, 0)})
-    proxy = Proxy(config, Gate(is_open=True))
+    proxy = Proxy(config, Gate(is_open=True), use_relay=relay)
     results: list[AllocResult] = []
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(proxy.serve)
@@ -288,4 +289,8 @@ def measure_allocations(
     """Run the proxy in this process and measure each case; see the module docstring."""
     if not framing.NATIVE:
         raise BenchError(f"the C framer is not in use: {framing.native_problem}")
-    return trio.run(_allocations_main, upstream_port, cases, warmup)
+    results = []
+    for relay in (True, False):
+        chosen = [c for c in cases if c.relay == relay]
+        results += trio.run(_allocations_main, upstream_port, chosen, warmup, relay)
+    return results

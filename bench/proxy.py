@@ -214,17 +214,25 @@ def write_scripts(directory: Path) -> dict[str, Path]:
 
 
 def alloc_cases(opts: Options, scripts: dict[str, Path]) -> list[AllocCase]:
-    """The allocation measurements: small rows, large rows, and a one-transaction baseline."""
+    """The allocation measurements: small rows, large rows, and a one-transaction baseline.
+
+    Each runs twice: relayed by the C relay thread, and by Python's pumps
+    alone (the path a connection takes when the relay hands it back).
+    """
     base = ("-M", PROTOCOL, "-c", "1", "-n")
     n = opts.transactions
     per_txn = MESSAGES_PER_SIMPLE_SELECT
-    cases = [AllocCase("connect + 1 transaction (baseline)", (*base, "-S"), per_txn, 1)]
-    cases.append(AllocCase("select-only (small row)", (*base, "-S"), per_txn, n))
-    cases.append(AllocCase("select-only (small row), 4x longer", (*base, "-S"), per_txn, 4 * n))
-    for label, path in scripts.items():
-        cases.append(
-            AllocCase(f"SELECT repeat('x', N): {label}", (*base, "-f", str(path)), per_txn, n)
-        )
+    cases = []
+    for relay, path_label in ((True, "relay thread"), (False, "Python pumps")):
+
+        def case(label: str, args: tuple[str, ...], count: int) -> AllocCase:
+            return AllocCase(f"{label} [{path_label}]", args, per_txn, count, relay)  # noqa: B023
+
+        cases.append(case("connect + 1 transaction (baseline)", (*base, "-S"), 1))
+        cases.append(case("select-only (small row)", (*base, "-S"), n))
+        cases.append(case("select-only (small row), 4x longer", (*base, "-S"), 4 * n))
+        for label, path in scripts.items():
+            cases.append(case(f"SELECT repeat('x', N): {label}", (*base, "-f", str(path)), n))
     return cases
 
 

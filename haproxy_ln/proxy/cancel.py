@@ -53,18 +53,18 @@ class CancelRouter:
         if conn is None or key is None or key[0] != request.pid:
             stats.cancels_unmatched += 1
             return
-        await conn.reclaim()  # the session's state lives with the relay thread otherwise
-        if conn.cancel_pending:
-            stats.cancels_unmatched += 1
-            return
-        if not conn.session.cancel_is_safe():
-            stats.cancels_withheld += 1
-            log.warning(
-                "withheld a cancel: a commit may be waiting for the synchronous standby, "
-                "and cancelling it would commit locally without the replica"
-            )
-            return
-        conn.hold_for_cancel()
+        async with conn.in_python():  # the session lives with the relay thread otherwise
+            if conn.cancel_pending:
+                stats.cancels_unmatched += 1
+                return
+            if not conn.session.cancel_is_safe():
+                stats.cancels_withheld += 1
+                log.warning(
+                    "withheld a cancel: a commit may be waiting for the synchronous standby, "
+                    "and cancelling it would commit locally without the replica"
+                )
+                return
+            conn.hold_for_cancel()
         try:
             await self._send(key)
         finally:

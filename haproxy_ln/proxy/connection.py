@@ -6,9 +6,9 @@ durability-lowering parameters and closed-gate admissions), connects to
 PostgreSQL and forwards the StartupMessage. Then one task pumps client to
 server and one server to client. Each pump waits for its socket to be
 readable, lets the framer read and scan into a pooled buffer, shows every
-held message to the session, and sends the window on, so streamed bytes
-are copied once, by the kernel-facing C code, and never allocated per
-message.
+held message to the session, and sends the window on. Once the session is
+established and quiet, the connection is lent to the C relay thread, which
+does the same without the GIL and hands it back when Python is needed.
 
 Teardown is where funds are protected: when the client side ends for any
 reason (it left, the gate closed, it broke the protocol), the backend
@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,7 @@ class ClientConnection:
         self._room = trio.Event()
         self._client_idle = False
         self._quiet = False
+        self._holds = 0
         proxy.members.add(self)
 
     # -- control from outside ------------------------------------------------
@@ -184,6 +186,8 @@ class ClientConnection:
         while relay is not None:
             if not await self._pumps(until_quiet=True):
                 return
+            if self._holds or self._cancel_barrier is not None:
+                continue  # a cancel got hold of the connection meanwhile
             self._attachment = relay.attach(
                 self._client_fd, self._server_fd, self._c, self._s, self.session
             )
@@ -197,14 +201,21 @@ class ClientConnection:
                 break
         await self._pumps(until_quiet=False)
 
-    async def reclaim(self) -> None:
-        """Take the connection back from the relay thread, if it has it."""
-        if self._attachment is not None:
-            await self._attachment.reclaim()
+    @asynccontextmanager
+    async def in_python(self) -> AsyncIterator[None]:
+        """Hold the connection in Python's hands (its session readable) for a while."""
+        self._holds += 1
+        try:
+            if self._attachment is not None:
+                await self._attachment.reclaim()
+            yield
+        finally:
+            self._holds -= 1
 
     async def _pumps(self, *, until_quiet: bool) -> bool:
         """Run both pumps in Python; True if they stopped at a quiet point."""
         self._quiet = False
+        self._client_idle = False  # until the client pump has handled all it holds
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, self._pump_to_server, nursery.cancel_scope)
             nursery.start_soon(
@@ -282,6 +293,7 @@ class ClientConnection:
         return (
             self.session.ready
             and self._client_idle
+            and not self._holds
             and self._cancel_barrier is None
             and not self._s.pending()
         )
