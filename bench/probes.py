@@ -274,6 +274,10 @@ async def _allocations_main(
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(proxy.serve)
         try:
+            # Steady state: every workload once first, so that the pool has grown
+            # to the most buffers ever in transit at once before anything counts.
+            for case in cases:
+                await _pgbench_async(addresses[0][1], [*case.args, "-t", str(warmup)])
             tracemalloc.start(1)
             for case in cases:
                 results.append(await _measure_case(proxy, addresses[0][1], case, warmup))

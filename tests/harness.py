@@ -16,25 +16,29 @@ from typing import Any, TypeVar
 
 import trio
 
+from haproxy_ln import framing
 from haproxy_ln.config import HostPort, ProxyConfig
 from haproxy_ln.local import PostgresCluster
 from haproxy_ln.proxy.gate import Gate
 from haproxy_ln.proxy.server import Proxy
 
 T = TypeVar("T")
+MODES = ["relay", "pumps", "pure"]
 
 
 class ProxyThread:
     """`Proxy` in front of `cluster`, listening on a free loopback port."""
 
-    def __init__(self, cluster: PostgresCluster, *, relay: bool = True, **settings: Any) -> None:
+    def __init__(self, cluster: PostgresCluster, *, mode: str = "relay", **settings: Any) -> None:
+        """`mode`: "relay" (C relay thread), "pumps" (C framer, Python's pumps
+        only) or "pure" (the pure-Python twins, as without the C extension)."""
         config = ProxyConfig.model_validate(
             {"upstream": f"{cluster.host}:{cluster.port}", **settings}
         )
         # Port 0 (the kernel picks) is not valid operator input, so set it here.
         self.config = config.model_copy(update={"listen": HostPort("127.0.0.1", 0)})
         self.cluster = cluster
-        self.relay = relay
+        self.mode = mode
         self.port = 0
         self._token: trio.lowlevel.TrioToken | None = None
         self._proxy: Proxy | None = None
@@ -64,7 +68,10 @@ class ProxyThread:
 
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
-        self._proxy = Proxy(self.config, Gate(is_open=True), use_relay=self.relay)
+        impl = framing.PURE if self.mode == "pure" else framing.DEFAULT
+        self._proxy = Proxy(
+            self.config, Gate(is_open=True), implementation=impl, use_relay=self.mode == "relay"
+        )
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(self._proxy.serve)
             self.port = addresses[0][1]

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from harness import ProxyThread, RawClient, error_fields
+from harness import MODES, ProxyThread, RawClient, error_fields
 
 from haproxy_ln.local import PostgresCluster, free_port
 
 
-@pytest.fixture(params=[True, False], ids=["relay", "pumps"])
+@pytest.fixture(params=MODES)
 def any_proxy(request: pytest.FixtureRequest, pg_session: PostgresCluster) -> Iterator[ProxyThread]:
-    """The proxy with the C relay thread, and with Python's pumps only."""
-    running = ProxyThread(pg_session, relay=request.param, startup_timeout=1.0).start()
+    """The proxy with the C relay thread, with Python's pumps, and pure Python."""
+    running = ProxyThread(pg_session, mode=request.param, startup_timeout=1.0).start()
     try:
         yield running
     finally:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from harness import ProxyThread, RawClient, error_fields
+from harness import MODES, ProxyThread, RawClient, error_fields
 
 from haproxy_ln.local import PostgresCluster
 
@@ -48,15 +48,15 @@ def rows(cluster: PostgresCluster) -> int:
     return int(row[0])
 
 
-@pytest.fixture(params=[True, False], ids=["relay", "pumps"])
-def relay(request: pytest.FixtureRequest) -> bool:
-    """Run each test with the C relay thread and with Python's pumps only."""
-    return bool(request.param)
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    """Run each test with the C relay thread, with Python's pumps, and pure Python."""
+    return str(request.param)
 
 
 @pytest.fixture
-def proxy(pg_session: PostgresCluster, relay: bool) -> Iterator[ProxyThread]:
-    running = ProxyThread(pg_session, relay=relay).start()
+def proxy(pg_session: PostgresCluster, mode: str) -> Iterator[ProxyThread]:
+    running = ProxyThread(pg_session, mode=mode).start()
     try:
         yield running
     finally:
@@ -100,7 +100,7 @@ def insert_in_thread(dsn: str, app: str) -> tuple[threading.Thread, list[object]
     return thread, outcome
 
 
-def test_cancel_never_releases_sync_wait(syncrep: PostgresCluster, relay: bool) -> None:
+def test_cancel_never_releases_sync_wait(syncrep: PostgresCluster, mode: str) -> None:
     # Control: cancelling directly makes PostgreSQL commit without the standby.
     thread, outcome = insert_in_thread(syncrep.dsn(), "direct")
     wait_for(lambda: syncrep_waiters(syncrep, "direct") == 1, "the direct commit to wait")
@@ -108,7 +108,7 @@ def test_cancel_never_releases_sync_wait(syncrep: PostgresCluster, relay: bool) 
     thread.join(WAIT)
     assert outcome == ["committed"] and rows(syncrep) == 1  # committed locally only
 
-    proxy = ProxyThread(syncrep, relay=relay).start()
+    proxy = ProxyThread(syncrep, mode=mode).start()
     try:
         thread, outcome = insert_in_thread(proxy.dsn(), "proxied")
         wait_for(lambda: syncrep_waiters(syncrep, "proxied") == 1, "the proxied commit to wait")
@@ -142,9 +142,9 @@ def pg_socket_state(cluster: PostgresCluster, app: str) -> str:
 
 
 def test_client_leaving_never_closes_backend_during_sync_wait(
-    syncrep: PostgresCluster, relay: bool
+    syncrep: PostgresCluster, mode: str
 ) -> None:
-    proxy = ProxyThread(syncrep, relay=relay).start()
+    proxy = ProxyThread(syncrep, mode=mode).start()
     try:
         client = RawClient(proxy.port)
         client.startup(application_name="leaver")

@@ -79,9 +79,10 @@ class NativeRelay:
                 continue
             while n := lib.pgr_take(self.r, self._out, _BATCH):
                 for i in range(n):
-                    a = self._lent.pop(int(ffi.cast("uintptr_t", self._out[i])))
-                    a.reason = self._out[i].reason
-                    a.returned.set()
+                    a = self._lent.pop(int(ffi.cast("uintptr_t", self._out[i])), None)
+                    if a is not None:  # always, unless the C side is broken
+                        a.reason = self._out[i].reason
+                        a.returned.set()
 
     def close(self) -> None:
         """Stop the thread; every connection must have been handed back."""

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from haproxy_ln.errors import BufferBudgetExhausted, ProtocolViolation
-from haproxy_ln.framing import Framer, FramerAPI, Session, codes
+from haproxy_ln.framing import FramerAPI, codes
 from haproxy_ln.pgwire import messages, sql
 
 if TYPE_CHECKING:
@@ -56,10 +56,12 @@ class ClientConnection:
         self._client_fd = sock.fileno()
         self._server: trio.socket.SocketType | None = None
         self._server_fd = -1
-        cfg = proxy.config
-        self._c = Framer(proxy.pool, codes.CLIENT_TABLE, cfg.max_message_size, untyped=True)
-        self._s = Framer(proxy.pool, codes.SERVER_TABLE, codes.SERVER_MAX_MESSAGE, untyped=False)
-        self.session = Session()
+        cfg, impl = proxy.config, proxy.implementation
+        self._c = impl.Framer(proxy.pool, codes.CLIENT_TABLE, cfg.max_message_size, untyped=True)
+        self._s = impl.Framer(
+            proxy.pool, codes.SERVER_TABLE, codes.SERVER_MAX_MESSAGE, untyped=False
+        )
+        self.session = impl.Session()
         self._attachment: Attachment | None = None
         self._failure: Exception | None = None
         self._scope: trio.CancelScope | None = None

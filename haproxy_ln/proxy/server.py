@@ -55,10 +55,18 @@ class ProxyStats:
 class Proxy:
     """A PostgreSQL proxy in session mode: one backend connection per client."""
 
-    def __init__(self, config: ProxyConfig, gate: Gate, *, use_relay: bool = True) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        gate: Gate,
+        *,
+        implementation: framing.Implementation = framing.DEFAULT,
+        use_relay: bool = True,
+    ) -> None:
         self.config = config
+        self.implementation = implementation
         self.gate = gate
-        self.pool = framing.Pool(
+        self.pool = implementation.Pool(
             config.buffer_chunk,
             config.buffer_budget,
             min(config.buffer_budget // 8, _POOL_KEEP_MAX),
@@ -68,7 +76,7 @@ class Proxy:
         self.stats = ProxyStats()
         self.addresses: list[tuple[str, int]] = []
         self.relay: NativeRelay | None = None
-        self._use_relay = use_relay and framing.NATIVE
+        self._use_relay = use_relay and implementation.native
         self._accepting = trio.CancelScope()
 
     async def serve(
