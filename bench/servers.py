@@ -18,10 +18,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from haproxy_ln.local.ports import LOOPBACK, LocalServerError, Supervised, as_user, free_port
+from haproxy_ln.local.ports import (
+    LOOPBACK,
+    LocalServer,
+    LocalServerError,
+    Supervised,
+    as_user,
+    free_port,
+)
 from haproxy_ln.local.postgres import pg_bin_dir
 
 PGBOUNCER = Path("/usr/sbin/pgbouncer")
@@ -50,7 +55,7 @@ def wait_until_ready(port: int, server: Supervised, log: Path, name: str) -> Non
     raise LocalServerError(f"{name} did not become ready on port {port}; log ends with:\n{tail}")
 
 
-class _Server:
+class _Server(LocalServer):
     """A supervised server listening on `port`; subclasses say how to start it."""
 
     name = "server"
@@ -86,18 +91,6 @@ class _Server:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class PgBouncer(_Server):

@@ -22,10 +22,10 @@ import signal
 import time
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 from haproxy_ln.local.ports import (
     LOOPBACK,
+    LocalServer,
     LocalServerError,
     Supervised,
     free_ports,
@@ -46,7 +46,7 @@ def etcd_binary() -> str:
     return found
 
 
-class EtcdServer:
+class EtcdServer(LocalServer):
     """One single-member etcd cluster living in `base_dir` (created if missing)."""
 
     def __init__(self, base_dir: Path, *, name: str = "etcd0") -> None:
@@ -99,18 +99,6 @@ class EtcdServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-
-    def __enter__(self) -> EtcdServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def log_tail(self, n: int = 40) -> str:
         """The last `n` lines of the etcd log ("" if there is none yet)."""

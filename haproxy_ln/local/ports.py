@@ -26,8 +26,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, Self
 
 from haproxy_ln.errors import HaproxyLnError
 
@@ -37,6 +37,28 @@ SUPERVISOR = f"import sys; from {__name__} import _supervise; sys.exit(_supervis
 
 class LocalServerError(HaproxyLnError):
     """A local test server could not be set up, started or used."""
+
+
+class LocalServer:
+    """A server with start() and stop(), usable as a context manager."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 def free_ports(count: int) -> list[int]:

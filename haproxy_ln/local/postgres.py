@@ -21,12 +21,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 from urllib.parse import quote
 
 from haproxy_ln.local.ports import (
     LOOPBACK,
+    LocalServer,
     LocalServerError,
     Supervised,
     as_user,
@@ -79,7 +79,7 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-class PostgresCluster:
+class PostgresCluster(LocalServer):
     """One throwaway PostgreSQL cluster living in `base_dir`.
 
     `base_dir` is created if missing; when we are root it is chowned to the
@@ -198,18 +198,6 @@ class PostgresCluster:
             server.wait(5)
         server.kill()
         server.close()
-
-    def __enter__(self) -> PostgresCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def psql(
         self,

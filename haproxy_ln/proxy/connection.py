@@ -244,10 +244,9 @@ class ClientConnection:
                 if replacement is None:
                     c.accept()
                 else:
-                    await self._to_server(c, server, server_fd)
-                    c.drop()
-                    with trio.CancelScope(shield=True):
-                        await _send_all(server, replacement)
+                    await _send_instead(
+                        c, partial(self._to_server, c, server, server_fd), server, replacement
+                    )
                 if t == ord("X"):
                     break
             await self._to_server(c, server, server_fd)
@@ -274,10 +273,9 @@ class ClientConnection:
                 if replacement is None:
                     s.accept()
                 else:
-                    await self._flush(s, client, client_fd)
-                    s.drop()
-                    with trio.CancelScope(shield=True):
-                        await _send_all(client, replacement)
+                    await _send_instead(
+                        s, partial(self._flush, s, client, client_fd), client, replacement
+                    )
             if s.pending():
                 await self._flush(s, client, client_fd)
             self._check_barrier()
@@ -387,6 +385,19 @@ class ClientConnection:
                     break
         except (ProtocolViolation, OSError) as e:
             log.warning("backend failed while draining: %s", e)
+
+
+async def _send_instead(
+    framer: FramerAPI,
+    flush: Callable[[], Awaitable[None]],
+    sock: trio.socket.SocketType,
+    replacement: bytes,
+) -> None:
+    """Send `replacement` where the held message was, in order, and drop it."""
+    await flush()
+    framer.drop()
+    with trio.CancelScope(shield=True):  # half a message would corrupt the stream
+        await _send_all(sock, replacement)
 
 
 async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
