@@ -105,6 +105,10 @@ class ClientConnection:
                     self._fail("53200", str(e))
                 except (ClientGone, OSError):
                     pass
+                except Exception:
+                    # A bug of ours: end this connection, keep serving the others.
+                    log.exception("internal error on the connection from %s", self._peer())
+                    self._fail("XX000", "internal error in haproxy-ln")
         finally:
             proxy.gate.leave(self)
             with trio.CancelScope(shield=True):
@@ -228,7 +232,7 @@ class ClientConnection:
     async def _pump(self, pump: Callable[[], Awaitable[None]], done: trio.CancelScope) -> None:
         try:
             await pump()
-        except (ProtocolViolation, BufferBudgetExhausted, ClientGone, OSError) as e:
+        except Exception as e:  # recorded, and raised again by run()
             if self._failure is None:
                 self._failure = e
         finally:
