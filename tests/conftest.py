@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import ProxyThread
+from harness import MODES, ProxyThread
 
 from haproxy_ln.local import EtcdServer, PostgresCluster, scratch_dir
 
@@ -74,6 +74,22 @@ def etcd(local_servers_dir: Path) -> Iterator[EtcdServer]:
 def proxy(pg_session: PostgresCluster) -> Iterator[ProxyThread]:
     """A proxy (gate open, default settings) in front of the session cluster."""
     running = ProxyThread(pg_session).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    """Each proxy mode: the C relay thread, Python's pumps, and pure Python."""
+    return str(request.param)
+
+
+@pytest.fixture
+def any_proxy(pg_session: PostgresCluster, mode: str) -> Iterator[ProxyThread]:
+    """A proxy in front of the session cluster, in each mode; startup times out after 1 s."""
+    running = ProxyThread(pg_session, mode=mode, startup_timeout=1.0).start()
     try:
         yield running
     finally:

@@ -10,25 +10,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from harness import MODES, ProxyThread, RawClient, error_fields
+from harness import ProxyThread, RawClient, error_fields
 
 from haproxy_ln.local import PostgresCluster, free_port
 from haproxy_ln.pgwire.session import Session
-
-
-@pytest.fixture(params=MODES)
-def any_proxy(request: pytest.FixtureRequest, pg_session: PostgresCluster) -> Iterator[ProxyThread]:
-    """The proxy with the C relay thread, with Python's pumps, and pure Python."""
-    running = ProxyThread(pg_session, mode=request.param, startup_timeout=1.0).start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def read_all(client: RawClient) -> list[tuple[bytes, bytes]]:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from harness import MODES, ProxyThread, RawClient, error_fields
+from harness import ProxyThread, RawClient, error_fields
 
 from haproxy_ln.local import PostgresCluster
 
@@ -46,21 +46,6 @@ def rows(cluster: PostgresCluster) -> int:
         row = conn.execute("select count(*) from t").fetchone()
     assert row is not None
     return int(row[0])
-
-
-@pytest.fixture(params=MODES)
-def mode(request: pytest.FixtureRequest) -> str:
-    """Run each test with the C relay thread, with Python's pumps, and pure Python."""
-    return str(request.param)
-
-
-@pytest.fixture
-def proxy(pg_session: PostgresCluster, mode: str) -> Iterator[ProxyThread]:
-    running = ProxyThread(pg_session, mode=mode).start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
@@ -162,32 +147,32 @@ def test_client_leaving_never_closes_backend_during_sync_wait(
         proxy.stop()
 
 
-def test_gate_closed_refuses_new_connections_with_reason(proxy: ProxyThread) -> None:
-    proxy.call(proxy.proxy.gate.close, "fenced: lease lost", "b")
+def test_gate_closed_refuses_new_connections_with_reason(any_proxy: ProxyThread) -> None:
+    any_proxy.call(any_proxy.proxy.gate.close, "fenced: lease lost", "b")
     with pytest.raises(psycopg.OperationalError) as info:
-        psycopg.connect(proxy.dsn(), connect_timeout=10)
+        psycopg.connect(any_proxy.dsn(), connect_timeout=10)
     assert "haproxy-ln is not admitting connections: fenced: lease lost" in str(info.value)
     assert "the active node is b" in str(info.value)
-    client = RawClient(proxy.port)
+    client = RawClient(any_proxy.port)
     (mtype, body), *_ = client.startup()
     assert mtype == b"E" and error_fields(body)["C"] == "57P03"
-    assert proxy.proxy.stats.rejected_gate == 2
-    proxy.call(proxy.proxy.gate.open)
-    with psycopg.connect(proxy.dsn(), connect_timeout=10) as conn:
+    assert any_proxy.proxy.stats.rejected_gate == 2
+    any_proxy.call(any_proxy.proxy.gate.open)
+    with psycopg.connect(any_proxy.dsn(), connect_timeout=10) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
 
 
-def test_gate_close_terminates_every_client_at_once(proxy: ProxyThread) -> None:
-    idle = RawClient(proxy.port)
+def test_gate_close_terminates_every_client_at_once(any_proxy: ProxyThread) -> None:
+    idle = RawClient(any_proxy.port)
     idle.startup()
-    busy = RawClient(proxy.port)
+    busy = RawClient(any_proxy.port)
     busy.startup()
     busy.query("begin")
     assert busy.read_until(b"Z")[-1] == (b"Z", b"T")
     busy.query("select pg_sleep(30)")  # inside a block: cannot commit, no reason to wait
     time.sleep(0.3)
     started = time.monotonic()
-    proxy.call(proxy.proxy.gate.close, "switchover to b", "b")
+    any_proxy.call(any_proxy.proxy.gate.close, "switchover to b", "b")
     for client in (idle, busy):
         msgs = []
         with pytest.raises(EOFError):
@@ -197,11 +182,11 @@ def test_gate_close_terminates_every_client_at_once(proxy: ProxyThread) -> None:
         assert errors and errors[-1]["C"] == "57P01", msgs
         assert "terminated by haproxy-ln: switchover to b" in errors[-1]["M"]
     assert time.monotonic() - started < 5
-    wait_for(lambda: not proxy.proxy.members, "every connection to end")
+    wait_for(lambda: not any_proxy.proxy.members, "every connection to end")
 
 
-def test_lowering_synchronous_commit_is_refused_in_order(proxy: ProxyThread) -> None:
-    with psycopg.connect(proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
+def test_lowering_synchronous_commit_is_refused_in_order(any_proxy: ProxyThread) -> None:
+    with psycopg.connect(any_proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
             conn.execute("set synchronous_commit = off")
         assert "synchronous_commit would be set to 'off'" in str(info.value)
@@ -214,7 +199,7 @@ def test_lowering_synchronous_commit_is_refused_in_order(proxy: ProxyThread) -> 
                 pipe.sync()
             assert first.fetchone() == (1,)
         assert conn.execute("select 2").fetchone() == (2,)
-    with psycopg.connect(proxy.dsn(), connect_timeout=10) as conn:
+    with psycopg.connect(any_proxy.dsn(), connect_timeout=10) as conn:
         conn.execute("select 1")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("set local synchronous_commit = off")
@@ -223,7 +208,7 @@ def test_lowering_synchronous_commit_is_refused_in_order(proxy: ProxyThread) -> 
         assert conn.execute("show synchronous_commit").fetchone() == ("on",)
 
 
-def test_startup_options_lowering_synchronous_commit_are_refused(proxy: ProxyThread) -> None:
+def test_startup_options_lowering_synchronous_commit_are_refused(any_proxy: ProxyThread) -> None:
     with pytest.raises(psycopg.OperationalError) as info:
-        psycopg.connect(proxy.dsn(), options="-c synchronous_commit=off", connect_timeout=10)
+        psycopg.connect(any_proxy.dsn(), options="-c synchronous_commit=off", connect_timeout=10)
     assert "haproxy-ln refused the connection" in str(info.value)

@@ -23,16 +23,9 @@ class CPool:
     def __del__(self) -> None:
         lib.pgf_pool_clear(self._p)
 
-    def clear(self) -> None:
-        lib.pgf_pool_clear(self._p)
-
     @property
     def in_use(self) -> int:
         return int(self._p.in_use)
-
-    @property
-    def cached(self) -> int:
-        return int(self._p.cached)
 
     @property
     def mallocs(self) -> int:

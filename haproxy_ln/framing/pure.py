@@ -37,9 +37,6 @@ class PyPool:
             free.clear()
         self.cached = 0
 
-    def clear(self) -> None:
-        self._drop_cached()
-
     def take(self, need: int) -> bytearray | None:
         c, size = self._size_class(need)
         if c >= 0 and self._free[c]:
