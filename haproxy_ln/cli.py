@@ -7,16 +7,25 @@ module; configuration errors are reported the same way by every command.
 from __future__ import annotations
 
 import logging
+import os
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
 import click
 import trio
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from haproxy_ln import __version__
-from haproxy_ln.config import Config, ProxyConfig, format_problems, load, render
-from haproxy_ln.errors import ConfigError
+from haproxy_ln.config import (
+    Config,
+    ProxyConfig,
+    ReplicationConfig,
+    format_problems,
+    load,
+    render,
+)
+from haproxy_ln.errors import ConfigError, HaproxyLnError
 from haproxy_ln.proxy.server import run_standalone
 
 CONFIG_FILE = click.Path(path_type=Path)  # no checks here: load() reports unreadable files
@@ -49,6 +58,13 @@ def main() -> None:
 def check_config(file: Path) -> None:
     """Validate FILE and print the effective configuration, defaults included."""
     click.echo(render(load_or_exit(file)), nl=False)
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, in order."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for e in error.exceptions for leaf in leaves(e)]
+    return [error]
 
 
 def setup_logging(level: str) -> None:
@@ -84,6 +100,81 @@ def proxy(
         fail_config(ConfigError("command line", format_problems(ProxyConfig, exc)))
     setup_logging(log_level)
     trio.run(run_standalone, config)
+
+
+def _replication_config(
+    config_file: Path | None, overrides: dict[str, object]
+) -> tuple[ReplicationConfig, str]:
+    """[replication] from the file (or defaults) with command-line overrides, and the node name."""
+    loaded = load_or_exit(config_file) if config_file else None
+    base = dict(loaded.replication) if loaded else {}
+    for key, env in (
+        ("source_password", "HAPROXY_LN_SOURCE_PASSWORD"),
+        ("replica_password", "HAPROXY_LN_REPLICA_PASSWORD"),
+    ):
+        if env in os.environ:
+            base[key] = SecretStr(os.environ[env])
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        config = ReplicationConfig.model_validate({**base, **given})
+    except ValidationError as exc:
+        fail_config(ConfigError("command line", format_problems(ReplicationConfig, exc)))
+    return config, loaded.node.name if loaded else "standalone"
+
+
+@main.command()
+@click.option(
+    "--source", metavar="URL", help="Primary to capture (postgresql://user@host:port/db)."
+)
+@click.option("--replica", metavar="URL", help="Replica store to apply to.")
+@click.option("--sync-name", help="application_name for synchronous_standby_names.")
+@click.option("--slot", help="Replication slot name.")
+@click.option("--mode", type=click.Choice(["sync", "strict"]), help="On stop: sync stops waiting.")
+@click.option(
+    "--epoch",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Fencing epoch written with every change.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=CONFIG_FILE,
+    help="Take [replication] from this node configuration; options override it.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def replicate(
+    source: str | None,
+    replica: str | None,
+    sync_name: str | None,
+    slot: str | None,
+    mode: str | None,
+    epoch: int,
+    config_file: Path | None,
+    log_level: str,
+) -> None:
+    """Run the replicator alone until SIGTERM: bootstrap, initial copy if the replica is
+    empty, then synchronous streaming. Passwords come from the config file or from
+    $HAPROXY_LN_SOURCE_PASSWORD and $HAPROXY_LN_REPLICA_PASSWORD."""
+    from haproxy_ln.replicator.standalone import run_replicate
+
+    config, node = _replication_config(
+        config_file,
+        {"source": source, "replica": replica, "sync_name": sync_name, "slot": slot, "mode": mode},
+    )
+    setup_logging(log_level)
+    try:
+        trio.run(partial(run_replicate, config, node=node, epoch=epoch))
+    except* HaproxyLnError as group:
+        for e in leaves(group):
+            click.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None
 
 
 @main.command()

@@ -19,11 +19,12 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import tomli_w
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ByteSize,
     ConfigDict,
@@ -42,12 +43,14 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import ErrorDetails, PydanticCustomError, core_schema
 
 from haproxy_ln.errors import ConfigError
+from haproxy_ln.pgwire.dsn import PgTarget
 
 __all__ = [
     "Config",
     "HostPort",
     "NodeConfig",
     "ProxyConfig",
+    "ReplicationConfig",
     "format_problems",
     "load",
     "load_model",
@@ -303,11 +306,75 @@ class ProxyConfig(_Section):
         return budget
 
 
+def _check_pg_url(value: str) -> str:
+    try:
+        PgTarget.parse(value)
+    except ValueError as e:
+        raise PydanticCustomError(
+            "pg_url",
+            "expected {expected}; {reason}",
+            {"expected": "a URL like postgresql://user@host:5432/dbname", "reason": str(e)},
+        ) from None
+    return value
+
+
+PgUrl = Annotated[str, AfterValidator(_check_pg_url)]
+_PG_NAME = r"^[a-z_][a-z0-9_]{0,62}$"
+
+
+class ReplicationConfig(_Section):
+    """[replication]: synchronous logical replication of the local primary to the peer."""
+
+    source: PgUrl = Field(
+        default="postgresql://postgres@127.0.0.1:5432/lightning",
+        description="the local PostgreSQL and database to capture, as a superuser "
+        "with REPLICATION (bootstrap creates a publication and an event trigger)",
+    )
+    source_password: SecretStr | None = Field(
+        default=None, description="password for `source`, if it needs one"
+    )
+    replica: PgUrl | None = Field(
+        default=None, description="the peer's PostgreSQL and database: the replica store"
+    )
+    replica_password: SecretStr | None = Field(
+        default=None, description="password for `replica`, if it needs one"
+    )
+    sync_name: str = Field(
+        default="haproxy_ln",
+        pattern=_PG_NAME,
+        description="application_name of the replication connection, the name put in "
+        "synchronous_standby_names",
+    )
+    slot: str = Field(
+        default="haproxy_ln", pattern=_PG_NAME, description="logical replication slot name"
+    )
+    mode: Literal["sync", "strict"] = Field(
+        default="sync",
+        description='"sync": degrade to running alone when the replica is lost; '
+        '"strict": never, commits wait for the replica',
+    )
+    max_batch: int = Field(
+        default=1000, ge=1, le=100_000, description="most source transactions per replica commit"
+    )
+    copy_workers: int = Field(
+        default=2, ge=1, le=64, description="tables copied in parallel by an initial copy"
+    )
+    txlog_retention_days: float = Field(
+        default=7.0, ge=0, le=36500, description="days the replica keeps txlog records (0: forever)"
+    )
+    connect_timeout: float = Field(
+        default=5.0, gt=0, le=600, description="seconds to connect to either database"
+    )
+
+
 class Config(_Section):
     """One node's whole configuration file."""
 
     node: NodeConfig = Field(description='the [node] table, e.g. [node] name = "a"')
     proxy: ProxyConfig = Field(default_factory=ProxyConfig, description="the [proxy] table")
+    replication: ReplicationConfig = Field(
+        default_factory=ReplicationConfig, description="the [replication] table"
+    )
 
 
 # --- errors ----------------------------------------------------------------------------------

@@ -29,3 +29,27 @@ class BufferBudgetExhausted(HaproxyLnError):
 
 class FramerMisuse(RuntimeError):
     """The framer was driven out of order: a bug in haproxy-ln, not the peer."""
+
+
+class ReplicationError(HaproxyLnError):
+    """Replication cannot go on as configured; the message says what to do."""
+
+
+class ServerError(ReplicationError):
+    """PostgreSQL answered a replication or bootstrap command with an ErrorResponse."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        self.sqlstate = sqlstate
+        super().__init__(f"{message} (SQLSTATE {sqlstate})")
+
+
+class StaleEpoch(ReplicationError):
+    """The replica store's fence is above the writer's epoch: a newer leader exists."""
+
+    def __init__(self, writer_epoch: int, fence_epoch: int) -> None:
+        self.writer_epoch = writer_epoch
+        self.fence_epoch = fence_epoch
+        super().__init__(
+            f"the replica store is fenced at epoch {fence_epoch}; this writer's epoch "
+            f"{writer_epoch} is stale, so a newer leader exists and nothing was applied"
+        )

@@ -40,6 +40,16 @@ buffer_budget = "256MiB"
 max_client_connections = 1000
 startup_timeout = 10.0
 connect_timeout = 5.0
+
+[replication]
+source = "postgresql://postgres@127.0.0.1:5432/lightning"
+sync_name = "haproxy_ln"
+slot = "haproxy_ln"
+mode = "sync"
+max_batch = 1000
+copy_workers = 2
+txlog_retention_days = 7.0
+connect_timeout = 5.0
 """
 
 ALLOWED_PROXY_KEYS = (
@@ -170,13 +180,13 @@ def test_models_are_frozen() -> None:
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     assert problems_for(tmp_path, 'colour = "blue"\n[node]\nname = "a"\n') == [
-        "colour: unknown key; allowed keys at top level: node, proxy"
+        "colour: unknown key; allowed keys at top level: node, proxy, replication"
     ]
 
 
 def test_unknown_section(tmp_path: Path) -> None:
     assert problems_for(tmp_path, '[node]\nname = "a"\n[proxi]\nlisten = "x"\n') == [
-        "proxi: unknown key; allowed keys at top level: node, proxy"
+        "proxi: unknown key; allowed keys at top level: node, proxy, replication"
     ]
 
 
@@ -515,7 +525,7 @@ def test_cli_check_config_lists_every_problem(tmp_path: Path) -> None:
         f"error: {path} is invalid:\n"
         "  - proxy.listen: got 'localhost'; expected HOST:PORT with port 1..65535; "
         "no ':PORT' given\n"
-        "  - bogus: unknown key; allowed keys at top level: node, proxy\n"
+        "  - bogus: unknown key; allowed keys at top level: node, proxy, replication\n"
     )
 
 

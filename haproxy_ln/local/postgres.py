@@ -34,6 +34,7 @@ from haproxy_ln.local.ports import (
     log_size,
     read_log,
 )
+from haproxy_ln.pgwire.sql import quote_ident, quote_literal
 
 Auth = Literal["trust", "md5", "scram-sha-256"]
 
@@ -69,14 +70,6 @@ def pg_bin_dir() -> Path:
 def _client_env() -> dict[str, str]:
     """Our environment without PG* variables, so libpq tools use only what we pass."""
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 class PostgresCluster(LocalServer):
@@ -170,7 +163,7 @@ class PostgresCluster(LocalServer):
                 self._psql_at(
                     str(self._socket_dir),
                     "SET log_min_error_statement = 'panic';\n"
-                    f"ALTER ROLE postgres PASSWORD {_literal(self._passwords['postgres'])};",
+                    f"ALTER ROLE postgres PASSWORD {quote_literal(self._passwords['postgres'])};",
                     dbname="postgres",
                     user="postgres",
                     password=None,
@@ -221,13 +214,13 @@ class PostgresCluster(LocalServer):
         """Create a login role with `password`. Raises `LocalServerError` (e.g. if it exists)."""
         self.psql(
             "SET log_min_error_statement = 'panic';\n"
-            f"CREATE ROLE {_ident(name)} LOGIN PASSWORD {_literal(password)};"
+            f"CREATE ROLE {quote_ident(name)} LOGIN PASSWORD {quote_literal(password)};"
         )
         self._passwords[name] = password
 
     def create_database(self, name: str, owner: str) -> None:
         """Create database `name` owned by role `owner`. Raises `LocalServerError`."""
-        self.psql(f"CREATE DATABASE {_ident(name)} OWNER {_ident(owner)};")
+        self.psql(f"CREATE DATABASE {quote_ident(name)} OWNER {quote_ident(owner)};")
 
     def log_tail(self, n: int = 40) -> str:
         """The last `n` lines of the server log ("" if there is none yet)."""
@@ -326,7 +319,7 @@ class PostgresCluster(LocalServer):
             "unix_socket_directories": str(self._socket_dir),
         }
         path = self.data_dir / "haproxy_ln.conf"
-        path.write_text("".join(f"{k} = {_literal(v)}\n" for k, v in values.items()))
+        path.write_text("".join(f"{k} = {quote_literal(v)}\n" for k, v in values.items()))
         self._chown(path)
 
     def _wait_ready(self) -> bool:

@@ -158,3 +158,13 @@ def options_violation(params: dict[str, str]) -> str | None:
     if "synchronous_commit" in options and not re.search(r"synchronous_commit\s*=", options):
         return "the options parameter names synchronous_commit in a form haproxy-ln cannot check"
     return None
+
+
+def quote_ident(name: str) -> str:
+    """`name` as a SQL identifier, always quoted."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str | None) -> str:
+    """`value` as a SQL string literal (standard_conforming_strings on), or NULL."""
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"

@@ -4,6 +4,13 @@ The HA loop opens it only while this node holds the lease and its replica
 is caught up; closing it turns new clients away with SQLSTATE 57P03 and
 terminates every admitted client at once with 57P01, each time with the
 reason and, when known, the node that is active instead.
+
+A hold (`hold(key, reason)`) also turns new clients away, but leaves the
+admitted ones alone: the replicator holds the gate from the moment its
+stream from the local PostgreSQL breaks until the replica has everything
+up to the WAL end it finds on reconnecting, because a restarted PostgreSQL
+may show commits that never reached the replica (invariant 5). Clients
+admitted before the break are not at risk: their backends did not restart.
 """
 
 from typing import Protocol
@@ -23,10 +30,19 @@ class Gate:
         self.reason = reason
         self.active_node: str | None = None
         self._members: set[Terminable] = set()
+        self._holds: dict[str, str] = {}
 
     @property
     def is_open(self) -> bool:
-        return self._open
+        """Whether a client arriving now is admitted."""
+        return self._open and not self._holds
+
+    def hold(self, key: str, reason: str) -> None:
+        """Turn new clients away for `reason` until `release(key)`."""
+        self._holds[key] = reason
+
+    def release(self, key: str) -> None:
+        self._holds.pop(key, None)
 
     def open(self) -> None:
         self._open = True
@@ -51,14 +67,15 @@ class Gate:
         )
 
     def _describe(self, what: str) -> str:
-        text = f"{what}: {self.reason}"
+        reason = self.reason if not self._open else "; ".join(self._holds.values())
+        text = f"{what}: {reason}"
         if self.active_node:
             text += f"; the active node is {self.active_node}"
         return text
 
     def admit(self, member: Terminable) -> bool:
         """Register an admitted connection; False when the gate is closed."""
-        if not self._open:
+        if not self.is_open:
             return False
         self._members.add(member)
         return True

@@ -1,0 +1,88 @@
+"""The one bridge between trio and asyncio: every asyncpg call crosses here.
+
+How this works: `open_bridge()` runs an asyncio event loop inside the trio
+run (trio-asyncio) for as long as the service needs the stores. The modules
+of `store/` are written as plain asyncio coroutines over asyncpg
+connections; trio code runs them with `call(fn, *args)`, one crossing per
+unit of work (a whole batch of records is one call), so the bridge costs a
+few tens of microseconds per batch, not per row. Cancelling the trio side
+cancels the asyncio coroutine. Connections are closed shielded, so a
+cancelled service still ends its replica sessions cleanly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import ParamSpec, TypeVar
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from haproxy_ln.errors import ReplicationError
+from haproxy_ln.pgwire.dsn import PgTarget
+
+Connection = asyncpg.Connection
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Our sessions parse and print values exactly as the replication stream does
+# (see replicator.walsender.SESSION_SETTINGS) and are skipped by the DDL trigger.
+SESSION_SETTINGS = {
+    "DateStyle": "ISO",
+    "IntervalStyle": "postgres",
+    "TimeZone": "UTC",
+    "extra_float_digits": "3",
+    "bytea_output": "hex",
+    "haproxy_ln.internal": "on",
+}
+
+
+@asynccontextmanager
+async def open_bridge() -> AsyncIterator[None]:
+    """Run an asyncio loop for the stores until the block ends."""
+    async with trio_asyncio.open_loop():
+        yield
+
+
+async def call(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run the asyncio coroutine function `fn` from trio and return its result."""
+    return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+async def aio_connect(
+    target: PgTarget, settings: dict[str, str] | None = None, timeout: float = 60
+) -> asyncpg.Connection:
+    """asyncio side: an asyncpg connection to `target` with our session settings."""
+    return await asyncpg.connect(
+        **target.asyncpg_kwargs(),
+        timeout=timeout,
+        server_settings={**SESSION_SETTINGS, **(settings or {})},
+    )
+
+
+async def connect(
+    target: PgTarget, *, timeout: float, settings: dict[str, str] | None = None
+) -> asyncpg.Connection:
+    """An asyncpg connection to `target` with our session settings.
+
+    Raises ReplicationError naming the target (never its password) when it
+    cannot be reached or refuses us.
+    """
+    try:
+        with trio.fail_after(timeout):
+            return await call(aio_connect, target, settings, timeout)
+    except trio.TooSlowError:
+        raise ReplicationError(f"cannot connect to {target}: timed out after {timeout} s") from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        raise ReplicationError(f"cannot connect to {target}: {e}") from e
+
+
+async def close(conn: asyncpg.Connection) -> None:
+    """Close `conn`, even when the caller is being cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
+        try:
+            await call(conn.close, timeout=5)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            conn.terminate()
