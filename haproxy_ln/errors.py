@@ -35,6 +35,10 @@ class ReplicationError(HaproxyLnError):
     """Replication cannot go on as configured; the message says what to do."""
 
 
+class SetupError(ReplicationError):
+    """Replication cannot start and will not by retrying: an operator must act."""
+
+
 class ServerError(ReplicationError):
     """PostgreSQL answered a replication or bootstrap command with an ErrorResponse."""
 
@@ -43,7 +47,7 @@ class ServerError(ReplicationError):
         super().__init__(f"{message} (SQLSTATE {sqlstate})")
 
 
-class StaleEpoch(ReplicationError):
+class StaleEpoch(SetupError):
     """The replica store's fence is above the writer's epoch: a newer leader exists."""
 
     def __init__(self, writer_epoch: int, fence_epoch: int) -> None:

@@ -94,3 +94,19 @@ def any_proxy(pg_session: PostgresCluster, mode: str) -> Iterator[ProxyThread]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def pg_pair(local_servers_dir: Path) -> Iterator[tuple[PostgresCluster, PostgresCluster]]:
+    """Two fresh clusters for this test: (primary, replica store)."""
+    clusters = [
+        PostgresCluster(_server_dir(local_servers_dir, prefix))
+        for prefix in ("pg-primary-", "pg-replica-")
+    ]
+    try:
+        for cluster in clusters:
+            cluster.start()
+        yield clusters[0], clusters[1]
+    finally:
+        for cluster in clusters:
+            cluster.stop()

@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 import trio
 
 from haproxy_ln import framing
-from haproxy_ln.config import HostPort, ProxyConfig
+from haproxy_ln.config import HostPort, ProxyConfig, ReplicationConfig
 from haproxy_ln.local import PostgresCluster
 from haproxy_ln.proxy.gate import Gate
 from haproxy_ln.proxy.server import Proxy
+from haproxy_ln.replicator.service import Replicator
+from haproxy_ln.store import bridge
 
 T = TypeVar("T")
 MODES = ["relay", "pumps", "pure"]
@@ -29,9 +31,18 @@ MODES = ["relay", "pumps", "pure"]
 class ProxyThread:
     """`Proxy` in front of `cluster`, listening on a free loopback port."""
 
-    def __init__(self, cluster: PostgresCluster, *, mode: str = "relay", **settings: Any) -> None:
+    def __init__(
+        self,
+        cluster: PostgresCluster,
+        *,
+        mode: str = "relay",
+        replication: ReplicationConfig | None = None,
+        **settings: Any,
+    ) -> None:
         """`mode`: "relay" (C relay thread), "pumps" (C framer, Python's pumps
-        only) or "pure" (the pure-Python twins, as without the C extension)."""
+        only) or "pure" (the pure-Python twins, as without the C extension).
+        With `replication`, a Replicator runs in the same loop and holds the
+        gate as the agent's would; start() returns once it streams."""
         config = ProxyConfig.model_validate(
             {"upstream": f"{cluster.host}:{cluster.port}", **settings}
         )
@@ -39,9 +50,13 @@ class ProxyThread:
         self.config = config.model_copy(update={"listen": HostPort("127.0.0.1", 0)})
         self.cluster = cluster
         self.mode = mode
+        self.replication = replication
+        self.replicator: Replicator | None = None
+        self.gate = Gate(is_open=True)
         self.port = 0
         self._token: trio.lowlevel.TrioToken | None = None
         self._proxy: Proxy | None = None
+        self._nursery: trio.Nursery | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -70,12 +85,22 @@ class ProxyThread:
         self._token = trio.lowlevel.current_trio_token()
         impl = framing.PURE if self.mode == "pure" else framing.DEFAULT
         self._proxy = Proxy(
-            self.config, Gate(is_open=True), implementation=impl, use_relay=self.mode == "relay"
+            self.config, self.gate, implementation=impl, use_relay=self.mode == "relay"
         )
-        async with trio.open_nursery() as nursery:
+        async with bridge.open_bridge(), trio.open_nursery() as nursery:
+            self._nursery = nursery
             addresses = await nursery.start(self._proxy.serve)
             self.port = addresses[0][1]
+            if self.replication is not None:
+                self.replicator = Replicator(self.replication, node="a", epoch=1, gate=self.gate)
+                await nursery.start(self.replicator.run)
             self._ready.set()
+
+    def _stop(self) -> None:
+        assert self._proxy is not None
+        self._proxy.stop()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` inside the proxy's trio loop and return its result."""
@@ -90,7 +115,7 @@ class ProxyThread:
     def stop(self, timeout: float = 30) -> None:
         """Stop the proxy; raises if it failed or does not stop in time."""
         if self._thread.is_alive() and self._proxy is not None:
-            self.call(self._proxy.stop)
+            self.call(self._stop)
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise RuntimeError("proxy did not stop in time")

@@ -36,7 +36,7 @@ import trio
 
 from haproxy_ln import metrics
 from haproxy_ln.config import ReplicationConfig
-from haproxy_ln.errors import ProtocolViolation, ReplicationError, StaleEpoch
+from haproxy_ln.errors import ProtocolViolation, ReplicationError, SetupError
 from haproxy_ln.pgwire.dsn import PgTarget
 from haproxy_ln.proxy.gate import Gate
 from haproxy_ln.replication import pgoutput, stream
@@ -59,9 +59,9 @@ _TRANSIENT = (ReplicationError, ProtocolViolation, OSError, trio.BrokenResourceE
 
 
 def targets(config: ReplicationConfig) -> tuple[PgTarget, PgTarget]:
-    """(source, replica) with their passwords. Raises ReplicationError without a replica."""
+    """(source, replica) with their passwords. Raises SetupError without a replica."""
     if config.replica is None:
-        raise ReplicationError("[replication] replica is not set: nowhere to replicate to")
+        raise SetupError("[replication] replica is not set: nowhere to replicate to")
     source = PgTarget.parse(config.source).with_password(
         config.source_password.get_secret_value() if config.source_password else None
     )
@@ -111,9 +111,9 @@ class Replicator:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Replicate until cancelled; `task_status.started()` once streaming.
 
-        Raises StaleEpoch when the replica store is fenced above our epoch,
-        and ReplicationError when the first session fails to set up (bad
-        settings, unreachable databases): later failures are retried.
+        Raises SetupError (StaleEpoch among them) for what retrying cannot
+        fix: bad settings, a diverged replica, a newer leader. Everything
+        else (a database restarting, a network break) is retried.
         """
         backoff = BACKOFF_MIN
         started = False
@@ -129,13 +129,12 @@ class Replicator:
             self._hold("the replicator is (re)connecting to the local PostgreSQL")
             try:
                 await self._session(on_streaming)
-            except StaleEpoch:
+            except* SetupError:
                 raise
-            except _TRANSIENT as e:
-                if not started:
-                    raise
-                self.status.last_error = str(e)
-                log.warning("replication interrupted: %s; retrying in %.1f s", e, backoff)
+            except* _TRANSIENT as group:
+                error = _first_leaf(group)
+                self.status.last_error = str(error)
+                log.warning("replication interrupted: %s; retrying in %.1f s", error, backoff)
             finally:
                 self.status.streaming = False
             await trio.sleep(backoff)
@@ -149,7 +148,10 @@ class Replicator:
         try:
             system = await wal.identify_system()
             wal_end_at_connect = parse_lsn(system.wal_flush)
-            conn = await bridge.connect(source, timeout=timeout)
+            # Bootstrap must not wait for a replicator that is not streaming yet: us.
+            conn = await bridge.connect(
+                source, timeout=timeout, settings={"synchronous_commit": "local"}
+            )
             try:
                 await bridge.call(primary.bootstrap, conn)
             finally:
@@ -195,16 +197,17 @@ class Replicator:
                 progress=self.progress,
             )
         elif status.source_system != system_id:
-            raise ReplicationError(
+            raise SetupError(
                 f"the replica store follows another primary (system {status.source_system}, "
                 f"not {system_id}): run haproxy-ln reseed"
             )
         elif not slot_rows:
-            raise ReplicationError(
+            raise SetupError(
                 f"replication slot {self.config.slot!r} is missing on the primary, so changes "
                 "since the replica's position may be lost: run haproxy-ln reseed"
             )
         applier = Applier(store, self.epoch, self.node)
+        await bridge.call(applier.check_fence)
         position = await bridge.call(applier.load_position)
         await wal.start_replication(self.config.slot, format_lsn(position), PUBLICATION)
         confirmation = Confirmation(position)
@@ -291,6 +294,12 @@ class Replicator:
         while True:
             await trio.sleep(STATUS_INTERVAL)
             await self._confirm(wal, confirmation, force=True)
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 async def _prune_txlog(store: bridge.Connection, days: float) -> None:

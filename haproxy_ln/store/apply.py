@@ -140,6 +140,13 @@ class Applier:
         self.position: int | None = None
         self._shapes: dict[tuple[str, str], TableShape] = {}
 
+    async def check_fence(self) -> None:
+        """Raises StaleEpoch when the store is fenced above our epoch."""
+        fence = await self.conn.fetchval(f"SELECT epoch FROM {SCHEMA}.fence")
+        if fence is not None and fence > self.epoch:
+            log.error("replica store refuses epoch %d: fenced at %d", self.epoch, fence)
+            raise StaleEpoch(self.epoch, fence)
+
     async def load_position(self) -> int:
         """The replica position stored in the replica state.
 

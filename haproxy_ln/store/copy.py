@@ -40,7 +40,7 @@ from pglast import ast
 from tqdm import tqdm
 
 from haproxy_ln import metrics
-from haproxy_ln.errors import ReplicationError, StaleEpoch
+from haproxy_ln.errors import ReplicationError, SetupError, StaleEpoch
 from haproxy_ln.pgwire.dsn import PgTarget
 from haproxy_ln.pgwire.sql import quote_ident, quote_literal
 from haproxy_ln.replication.stream import parse_lsn
@@ -120,13 +120,13 @@ class CopyProgress:
 
 
 def pg_dump_path() -> str:
-    """Raises ReplicationError when pg_dump (PostgreSQL 15 client) is not installed."""
+    """Raises SetupError when pg_dump (PostgreSQL 15 client) is not installed."""
     for d in _PG_DUMP_DIRS:
         if (d / "pg_dump").exists():
             return str(d / "pg_dump")
     found = shutil.which("pg_dump")
     if found is None:
-        raise ReplicationError("pg_dump not found: install postgresql-client-15")
+        raise SetupError("pg_dump not found: install postgresql-client-15")
     return found
 
 
@@ -199,7 +199,7 @@ async def _prepare_replica(
             same_system == system_id
             and await conn.fetchval("SELECT current_database()") == source_db
         ):
-            raise ReplicationError("the replica store is the source database itself")
+            raise SetupError("the replica store is the source database itself")
         async with conn.transaction():
             fence = await conn.fetchval(f"SELECT epoch FROM {SCHEMA}.fence FOR UPDATE")
             if fence is not None and fence > epoch:

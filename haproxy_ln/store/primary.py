@@ -21,7 +21,7 @@ import time
 
 import asyncpg
 
-from haproxy_ln.errors import ReplicationError
+from haproxy_ln.errors import ReplicationError, SetupError
 from haproxy_ln.pgwire.sql import quote_ident, quote_literal
 from haproxy_ln.store import schema
 
@@ -33,7 +33,7 @@ _REQUIRED: dict[str, tuple[str | int, str]] = {
 
 
 async def check_settings(conn: asyncpg.Connection) -> None:
-    """Raises ReplicationError listing every setting that prevents logical replication."""
+    """Raises SetupError listing every setting that prevents logical replication."""
     problems = []
     for name, (need, advice) in _REQUIRED.items():
         value = await conn.fetchval("SELECT current_setting($1)", name)
@@ -46,7 +46,7 @@ async def check_settings(conn: asyncpg.Connection) -> None:
             "and the DDL event trigger"
         )
     if problems:
-        raise ReplicationError("the primary is not ready: " + "; ".join(problems))
+        raise SetupError("the primary is not ready: " + "; ".join(problems))
 
 
 async def ensure_store(conn: asyncpg.Connection) -> None:
@@ -55,7 +55,7 @@ async def ensure_store(conn: asyncpg.Connection) -> None:
 
 
 async def bootstrap(conn: asyncpg.Connection) -> None:
-    """Prepare the primary for capture; idempotent. Raises ReplicationError."""
+    """Prepare the primary for capture; idempotent. Raises SetupError."""
     await check_settings(conn)
     await ensure_store(conn)
     await conn.execute(schema.DDL_FUNCTION)

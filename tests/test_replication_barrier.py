@@ -1,0 +1,214 @@
+"""The synchronous barrier under faults: a commit is acknowledged only once the
+replica store has it, whatever happens to the replicator in between."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from harness import ProxyThread
+from replication_harness import ReplicatorProcess, rows_digest
+
+from haproxy_ln.config import ReplicationConfig
+from haproxy_ln.local import PostgresCluster
+from haproxy_ln.local.ports import LocalServerError
+
+Pair = tuple[PostgresCluster, PostgresCluster]
+
+
+def wait_for_sync_waiters(cluster: PostgresCluster, n: int = 1, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        waiting = cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+        if int(waiting) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no commit is waiting for the replica after {timeout} s")
+
+
+class Committer(threading.Thread):
+    """Runs `sql` in its own autocommit connection; `done` once the commit is acknowledged."""
+
+    def __init__(self, dsn: str, sql: str) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.sql = dsn, sql
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.execute(self.sql)
+        except BaseException as e:
+            self.error = e
+        self.done.set()
+
+
+def count(cluster: PostgresCluster, table: str) -> int:
+    return int(cluster.psql(f"SELECT count(*) FROM {table}"))
+
+
+def test_commit_waits_for_a_killed_replicator_and_completes_when_it_returns(
+    pg_pair: Pair, tmp_path: Path
+) -> None:
+    primary, replica = pg_pair
+    primary.psql("CREATE TABLE t (id int PRIMARY KEY)")
+    rep = ReplicatorProcess(primary, replica, tmp_path / "rep.log").start()
+    try:
+        rep.kill()
+        committer = Committer(primary.dsn(), "INSERT INTO t VALUES (1)")
+        committer.start()
+        wait_for_sync_waiters(primary)
+        assert not committer.done.wait(1.0), "the commit was acknowledged without the replica"
+        assert count(replica, "t") == 0
+        rep.start()
+        assert committer.done.wait(30), rep.log()
+        assert committer.error is None
+        assert count(replica, "t") == 1
+    finally:
+        rep.stop()
+
+
+def test_cancel_through_the_proxy_does_not_release_a_waiting_commit(
+    pg_pair: Pair, tmp_path: Path
+) -> None:
+    primary, replica = pg_pair
+    primary.psql("CREATE TABLE t (id int PRIMARY KEY)")
+    rep = ReplicatorProcess(primary, replica, tmp_path / "rep.log").start()
+    proxy = ProxyThread(primary).start()
+    try:
+        rep.kill()
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            result: list[BaseException | None] = []
+            worker = threading.Thread(
+                target=lambda: result.append(_execute(conn, "INSERT INTO t VALUES (7)"))
+            )
+            worker.start()
+            wait_for_sync_waiters(primary)
+            conn.cancel_safe()
+            worker.join(1.5)
+            assert worker.is_alive(), "the cancel released the synchronous wait"
+            assert count(replica, "t") == 0
+            rep.start()
+            worker.join(30)
+            assert not worker.is_alive()
+            assert result == [None]
+        assert count(replica, "t") == 1
+    finally:
+        proxy.stop()
+        rep.stop()
+
+
+def _execute(conn: psycopg.Connection, sql: str) -> BaseException | None:
+    try:
+        conn.execute(sql)
+    except BaseException as e:
+        return e
+    return None
+
+
+def test_kill_9_of_the_replicator_mid_batch_loses_nothing_and_doubles_nothing(
+    pg_pair: Pair, tmp_path: Path
+) -> None:
+    primary, replica = pg_pair
+    # `seen` has no key: a record applied twice would leave a duplicate row there.
+    primary.psql("CREATE TABLE t (id int PRIMARY KEY, pad text); CREATE TABLE seen (id int)")
+    rep = ReplicatorProcess(primary, replica, tmp_path / "rep.log").start()
+    acknowledged: list[int] = []
+    stop = threading.Event()
+
+    def write(first: int) -> None:
+        with psycopg.connect(primary.dsn(), autocommit=True) as conn:
+            i = first
+            while not stop.is_set():
+                with conn.transaction():
+                    conn.execute("INSERT INTO t VALUES (%s, repeat('x', 500))", (i,))
+                    conn.execute("INSERT INTO seen VALUES (%s)", (i,))
+                acknowledged.append(i)
+                i += 4
+
+    writers = [threading.Thread(target=write, args=(k,), daemon=True) for k in range(4)]
+    rng = random.Random(7)
+    try:
+        for w in writers:
+            w.start()
+        for _ in range(6):
+            time.sleep(rng.uniform(0.2, 0.8))
+            rep.kill()
+            time.sleep(rng.uniform(0.0, 0.3))
+            rep.start()
+        time.sleep(0.5)
+        stop.set()
+        for w in writers:
+            w.join(30)
+        assert len(acknowledged) > 100
+        assert rows_digest(replica) == rows_digest(primary)
+        on_replica = {int(x) for x in replica.psql("SELECT id FROM seen").split()}
+        assert set(acknowledged) <= on_replica
+        assert count(replica, "seen") == len(on_replica)
+        assert (
+            replica.psql("SELECT count(*) = count(DISTINCT end_lsn) FROM haproxy_ln.txlog").strip()
+            == "t"
+        )
+    finally:
+        stop.set()
+        rep.stop()
+
+
+def test_a_stale_epoch_is_refused_by_the_replica_store(pg_pair: Pair, tmp_path: Path) -> None:
+    primary, replica = pg_pair
+    primary.psql("CREATE TABLE t (id int PRIMARY KEY)")
+    newer = ReplicatorProcess(primary, replica, tmp_path / "newer.log", epoch=5).start()
+    primary.psql("INSERT INTO t VALUES (1)")
+    assert newer.stop() == 0
+    older = ReplicatorProcess(primary, replica, tmp_path / "older.log", epoch=4)
+    older.start(wait=False)
+    assert older.proc is not None
+    assert older.proc.wait(30) == 1
+    assert "fenced at epoch 5" in older.log()
+    # The store's own check refuses it too, whoever asks.
+    with pytest.raises(LocalServerError, match="writer epoch 4 is stale"):
+        replica.psql("BEGIN; SELECT haproxy_ln.check_fence(4, 'old'); COMMIT")
+    assert replica.psql("SELECT epoch FROM haproxy_ln.fence").strip() == "5"
+
+
+def test_gate_stays_closed_after_a_primary_restart_until_the_replica_caught_up(
+    pg_pair: Pair,
+) -> None:
+    primary, replica = pg_pair
+    primary.psql("CREATE TABLE t (id int PRIMARY KEY)")
+    config = ReplicationConfig(source=primary.dsn(), replica=replica.dsn())
+    proxy = ProxyThread(primary, replication=config).start()
+    blocker = psycopg.connect(replica.dsn())
+    try:
+        primary.psql(
+            "ALTER SYSTEM SET synchronous_standby_names = '\"haproxy_ln\"'; SELECT pg_reload_conf()"
+        )
+        assert proxy.call(lambda: proxy.gate.is_open)
+        # Stall the replicator at the replica store: it cannot take the fence lock.
+        blocker.execute("LOCK TABLE haproxy_ln.fence IN ACCESS EXCLUSIVE MODE")
+        committer = Committer(proxy.dsn(), "INSERT INTO t VALUES (1)")
+        committer.start()
+        wait_for_sync_waiters(primary)
+        primary.stop()  # fast shutdown: the waiting commit is on local disk
+        primary.start()
+        assert primary.psql("SELECT count(*) FROM t").strip() == "1"  # visible, not replicated
+        time.sleep(1.0)
+        assert not proxy.call(lambda: proxy.gate.is_open)
+        with pytest.raises(psycopg.OperationalError, match="not admitting connections"):
+            psycopg.connect(proxy.dsn(), connect_timeout=5).close()
+        blocker.rollback()
+        deadline = time.monotonic() + 30
+        while not proxy.call(lambda: proxy.gate.is_open):
+            assert time.monotonic() < deadline, "the gate never opened after catching up"
+            time.sleep(0.05)
+        assert count(replica, "t") == 1
+        with psycopg.connect(proxy.dsn()) as conn:
+            assert conn.execute("SELECT count(*) FROM t").fetchone() == (1,)
+    finally:
+        blocker.close()
+        proxy.stop()
