@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import NoReturn
@@ -26,6 +27,7 @@ from haproxy_ln.config import (
     render,
 )
 from haproxy_ln.errors import ConfigError, HaproxyLnError
+from haproxy_ln.pgwire.dsn import PgTarget
 from haproxy_ln.proxy.server import run_standalone
 
 CONFIG_FILE = click.Path(path_type=Path)  # no checks here: load() reports unreadable files
@@ -122,59 +124,131 @@ def _replication_config(
     return config, loaded.node.name if loaded else "standalone"
 
 
-@main.command()
-@click.option(
-    "--source", metavar="URL", help="Primary to capture (postgresql://user@host:port/db)."
-)
-@click.option("--replica", metavar="URL", help="Replica store to apply to.")
-@click.option("--sync-name", help="application_name for synchronous_standby_names.")
-@click.option("--slot", help="Replication slot name.")
-@click.option("--mode", type=click.Choice(["sync", "strict"]), help="On stop: sync stops waiting.")
-@click.option(
-    "--epoch",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Fencing epoch written with every change.",
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=CONFIG_FILE,
-    help="Take [replication] from this node configuration; options override it.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-)
-def replicate(
-    source: str | None,
-    replica: str | None,
-    sync_name: str | None,
-    slot: str | None,
-    mode: str | None,
-    epoch: int,
+def replication_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """The options shared by the commands that replicate."""
+    options = [
+        click.option("--source", metavar="URL", help="Primary (postgresql://user@host:port/db)."),
+        click.option("--replica", metavar="URL", help="Replica store."),
+        click.option("--sync-name", help="application_name for synchronous_standby_names."),
+        click.option("--slot", help="Replication slot name."),
+        click.option(
+            "--epoch",
+            type=click.IntRange(1),
+            default=1,
+            show_default=True,
+            help="Fencing epoch written with every change.",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=CONFIG_FILE,
+            help="Take [replication] from this node configuration; options override it.",
+        ),
+        click.option(
+            "--log-level",
+            type=click.Choice(["debug", "info", "warning", "error"]),
+            default="info",
+            show_default=True,
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def run_trio(job: Callable[[], Awaitable[None]]) -> None:
+    """trio.run(job); exit 1 printing each haproxy-ln error it raised."""
+    try:
+        trio.run(job)
+    except* HaproxyLnError as group:
+        for e in leaves(group):
+            click.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None
+
+
+def run_replication(
+    job: Callable[..., Awaitable[None]],
     config_file: Path | None,
+    epoch: int,
     log_level: str,
+    overrides: dict[str, str | None],
+) -> None:
+    config, node = _replication_config(config_file, dict(overrides))
+    setup_logging(log_level)
+    run_trio(partial(job, config, node=node, epoch=epoch))
+
+
+@main.command()
+@replication_options
+@click.option("--mode", type=click.Choice(["sync", "strict"]), help="On stop: sync stops waiting.")
+def replicate(
+    config_file: Path | None, epoch: int, log_level: str, **overrides: str | None
 ) -> None:
     """Run the replicator alone until SIGTERM: bootstrap, initial copy if the replica is
     empty, then synchronous streaming. Passwords come from the config file or from
     $HAPROXY_LN_SOURCE_PASSWORD and $HAPROXY_LN_REPLICA_PASSWORD."""
     from haproxy_ln.replicator.standalone import run_replicate
 
-    config, node = _replication_config(
-        config_file,
-        {"source": source, "replica": replica, "sync_name": sync_name, "slot": slot, "mode": mode},
+    run_replication(run_replicate, config_file, epoch, log_level, overrides)
+
+
+@main.command()
+@replication_options
+def reseed(config_file: Path | None, epoch: int, log_level: str, **overrides: str | None) -> None:
+    """Copy the primary into the replica store again, from scratch, now.
+
+    Refuses a replica store fenced at a higher epoch. Stop the replicator first."""
+    from haproxy_ln.replicator.standalone import run_reseed
+
+    run_replication(run_reseed, config_file, epoch, log_level, overrides)
+
+
+@main.command("log")
+@click.option(
+    "--store",
+    metavar="URL",
+    help="Replica store to read [this node's PostgreSQL: [replication] source of --config].",
+)
+@click.option("--config", "config_file", type=CONFIG_FILE, help="Node configuration.")
+@click.option("--since", metavar="TIME", help='Oldest commit time, e.g. "2026-11-21 08:00Z".')
+@click.option("--until", metavar="TIME", help="Commit time to stop before.")
+@click.option("--table", help="Only transactions touching this table (schema.table or name).")
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=100,
+    show_default=True,
+    help="Most recent transactions to show.",
+)
+@click.option("--changes", is_flag=True, help="Show every change with its values.")
+def log_command(
+    store: str | None,
+    config_file: Path | None,
+    since: str | None,
+    until: str | None,
+    table: str | None,
+    limit: int,
+    changes: bool,
+) -> None:
+    """Print the transactions this node's replica store applied (the txlog)."""
+    from haproxy_ln.replicator.standalone import print_log
+
+    config, _ = _replication_config(config_file, {"source": store})
+    target = PgTarget.parse(config.source).with_password(
+        config.source_password.get_secret_value() if config.source_password else None
     )
-    setup_logging(log_level)
-    try:
-        trio.run(partial(run_replicate, config, node=node, epoch=epoch))
-    except* HaproxyLnError as group:
-        for e in leaves(group):
-            click.echo(f"error: {e}", err=True)
-        raise SystemExit(1) from None
+    run_trio(
+        partial(
+            print_log,
+            target,
+            since=since,
+            until=until,
+            table=table,
+            limit=limit,
+            changes=changes,
+            echo=click.echo,
+        )
+    )
 
 
 @main.command()

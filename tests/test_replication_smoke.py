@@ -1,18 +1,93 @@
+"""The replication commands end to end: replicate, log, reseed, and their errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
 from pathlib import Path
 
+from click.testing import CliRunner
 from replication_harness import ReplicatorProcess, rows_digest
 
+from haproxy_ln.cli import main
 from haproxy_ln.local import PostgresCluster
 
+Pair = tuple[PostgresCluster, PostgresCluster]
 
-def test_replica_equals_primary_after_copy_and_stream(
-    pg_pair: tuple[PostgresCluster, PostgresCluster], tmp_path: Path
+
+def test_replica_equals_primary_after_copy_and_stream_and_the_log_shows_it(
+    pg_pair: Pair, tmp_path: Path
 ) -> None:
     primary, replica = pg_pair
     primary.psql("CREATE TABLE t (id serial PRIMARY KEY, v text); INSERT INTO t (v) VALUES ('a')")
     rep = ReplicatorProcess(primary, replica, tmp_path / "rep.log").start()
     try:
         primary.psql("INSERT INTO t (v) VALUES ('b'); UPDATE t SET v = 'c' WHERE id = 1")
+        primary.psql("CREATE TABLE other (x int)")
         assert rows_digest(replica) == rows_digest(primary)
     finally:
         assert rep.stop() == 0, rep.log()
+    runner = CliRunner()
+    result = runner.invoke(main, ["log", "--store", replica.dsn(), "--table", "t", "--changes"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len([line for line in lines if "public.t(" in line]) == 2
+    assert "    INSERT public.t (id='2', v='b')" in lines
+    assert "    UPDATE public.t (id='1', v='c') WHERE id='1'" in lines
+    assert "DDL" not in result.output  # CREATE TABLE other does not touch t
+    everything = runner.invoke(main, ["log", "--store", replica.dsn()])
+    assert "+DDL" in everything.output
+    bad = runner.invoke(main, ["log", "--store", replica.dsn(), "--since", "no time"])
+    assert bad.exit_code == 1
+    assert "cannot read the txlog" in bad.output
+
+
+def test_reseed_repairs_a_diverged_replica_but_not_one_fenced_higher(
+    pg_pair: Pair, tmp_path: Path
+) -> None:
+    primary, replica = pg_pair
+    primary.psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50)")
+    rep = ReplicatorProcess(primary, replica, tmp_path / "rep.log", epoch=2).start()
+    assert rep.stop() == 0
+    replica.psql("DELETE FROM t WHERE id > 10")  # diverged
+    argv = ["reseed", "--source", primary.dsn(), "--replica", replica.dsn()]
+    refused = CliRunner().invoke(main, [*argv, "--epoch", "1"])
+    assert refused.exit_code == 1
+    assert "fenced at epoch 2" in refused.output
+    assert replica.psql("SELECT count(*) FROM t").strip() == "10"  # untouched
+    result = CliRunner().invoke(main, [*argv, "--epoch", "2"])
+    assert result.exit_code == 0, result.output
+    assert rows_digest(replica) == rows_digest(primary)
+    rep = ReplicatorProcess(primary, replica, tmp_path / "rep.log", epoch=2).start()
+    try:
+        primary.psql("INSERT INTO t VALUES (51)")
+        assert rows_digest(replica) == rows_digest(primary)
+    finally:
+        assert rep.stop() == 0
+
+
+def test_a_primary_without_logical_wal_is_refused_with_what_to_set(
+    local_servers_dir: Path, pg_session: PostgresCluster
+) -> None:
+    cluster = PostgresCluster(local_servers_dir / "wal-replica", settings={"wal_level": "replica"})
+    cluster.start()
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "haproxy_ln",
+                "replicate",
+                "--source",
+                cluster.dsn(),
+                "--replica",
+                pg_session.dsn(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        cluster.stop()
+    assert result.returncode == 1
+    assert "wal_level is replica; set wal_level = logical" in result.stderr

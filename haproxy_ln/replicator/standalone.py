@@ -1,4 +1,6 @@
-"""`haproxy-ln replicate`: the replicator alone, for tests, benchmarks and migrations.
+"""`haproxy-ln replicate`, `reseed` and `log`: replication from the command line.
+
+`replicate` runs the replicator alone, for tests, benchmarks and migrations.
 
 How this works: bootstrap the primary, seed the replica if it is empty,
 stream; once the replica has caught up, make the primary wait for it
@@ -12,13 +14,17 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 
 import trio
 
 from haproxy_ln.config import ReplicationConfig
+from haproxy_ln.errors import ReplicationError
+from haproxy_ln.pgwire.dsn import PgTarget
 from haproxy_ln.replicator.service import Replicator, targets
-from haproxy_ln.store import bridge, primary
-from haproxy_ln.store.copy import CopyProgress
+from haproxy_ln.replicator.walsender import WalSenderConnection
+from haproxy_ln.store import bridge, primary, txlog
+from haproxy_ln.store.copy import CopyProgress, initial_copy
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +64,58 @@ async def run_replicate(config: ReplicationConfig, *, node: str, epoch: int) -> 
                 with trio.CancelScope(shield=True):
                     await _set_sync(config, enable=False)
             nursery.cancel_scope.cancel()
+
+
+async def run_reseed(config: ReplicationConfig, *, node: str, epoch: int) -> None:
+    """Re-copy the replica store from the primary now. Raises ReplicationError."""
+    source, replica = targets(config)
+    async with bridge.open_bridge():
+        wal = await WalSenderConnection.connect(
+            source, config.sync_name, timeout=config.connect_timeout
+        )
+        try:
+            system = await wal.identify_system()
+            store = await bridge.connect(replica, timeout=config.connect_timeout)
+            try:
+                await bridge.call(primary.ensure_store, store)
+            finally:
+                await bridge.close(store)
+            await initial_copy(
+                wal,
+                source,
+                replica,
+                slot=config.slot,
+                epoch=epoch,
+                node=node,
+                system_id=system.system_id,
+                workers=config.copy_workers,
+                progress=CopyProgress(),
+            )
+        finally:
+            await wal.aclose()
+
+
+async def print_log(
+    store: PgTarget,
+    *,
+    since: str | None,
+    until: str | None,
+    table: str | None,
+    limit: int,
+    changes: bool,
+    echo: Callable[[str], None],
+) -> None:
+    """Print the txlog of the replica store at `store`. Raises ReplicationError."""
+    async with bridge.open_bridge():
+        conn = await bridge.connect(store, timeout=10)
+        try:
+            records = await bridge.call(
+                txlog.read, conn, since=since, until=until, table=table, limit=limit
+            )
+        except bridge.PostgresError as e:
+            raise ReplicationError(f"cannot read the txlog: {e}") from None
+        finally:
+            await bridge.close(conn)
+    for commit_time, record in records:
+        for line in txlog.describe(commit_time, record, changes=changes):
+            echo(line)

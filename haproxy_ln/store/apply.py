@@ -35,77 +35,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
-import pglast
-from pglast import ast
-from pglast.stream import RawStream
 
 from haproxy_ln.errors import ReplicationError, StaleEpoch
 from haproxy_ln.pgwire.sql import quote_ident, quote_literal
 from haproxy_ln.replication.record import Change, Ddl, Op, Record, Row, TruncateTables
 from haproxy_ln.replication.stream import format_lsn, parse_lsn
 from haproxy_ln.store.schema import POSITION_MOVED, SCHEMA, STALE_EPOCH
+from haproxy_ln.store.statements import ddl_statements
 
 log = logging.getLogger(__name__)
-
-# Statements whose effects reach the replica as rows, or do not belong there.
-_NOT_SCHEMA = (
-    ast.InsertStmt,
-    ast.UpdateStmt,
-    ast.DeleteStmt,
-    ast.CopyStmt,
-    ast.TransactionStmt,
-    ast.VariableSetStmt,
-    ast.VariableShowStmt,
-    ast.ExplainStmt,
-    ast.PrepareStmt,
-    ast.ExecuteStmt,
-    ast.DeallocateStmt,
-    ast.NotifyStmt,
-    ast.ListenStmt,
-    ast.UnlistenStmt,
-    ast.LockStmt,
-    ast.VacuumStmt,
-    ast.CheckPointStmt,
-    ast.DiscardStmt,
-    ast.CallStmt,
-)
-
-
-def ddl_statements(sql: str) -> list[str]:
-    """The schema statements of a client's query text, in order.
-
-    The event trigger sends the whole text of the query that ran DDL; it
-    may also hold DML, transaction control or session settings, whose
-    effects arrive as rows (or do not belong on the replica): those are
-    dropped. SELECT ... INTO creates a table and is kept. CONCURRENTLY is
-    removed from index statements, since the batch runs in a transaction.
-    Raises ReplicationError if the text does not parse.
-    """
-    try:
-        parsed = pglast.parse_sql(sql)
-    except pglast.parser.ParseError as e:
-        raise ReplicationError(f"cannot parse replicated DDL: {e}") from e
-    data = sql.encode()
-    kept = []
-    for raw in parsed:
-        stmt = raw.stmt
-        if isinstance(stmt, _NOT_SCHEMA):
-            continue
-        if isinstance(stmt, ast.SelectStmt) and stmt.intoClause is None:
-            continue
-        if isinstance(stmt, (ast.IndexStmt, ast.DropStmt)) and stmt.concurrent:
-            kept.append(RawStream()(_without_concurrently(stmt)))
-            continue
-        start = raw.stmt_location or 0
-        end = start + raw.stmt_len if raw.stmt_len else len(data)
-        kept.append(data[start:end].decode())
-    return kept
-
-
-def _without_concurrently(stmt: ast.IndexStmt | ast.DropStmt) -> ast.Node:
-    values = stmt(depth=None, skip_none=True)
-    values["concurrent"] = False
-    return type(stmt)(values)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from haproxy_ln.errors import ReplicationError
 from haproxy_ln.pgwire.dsn import PgTarget
 
 Connection = asyncpg.Connection
+PostgresError = asyncpg.PostgresError
 P = ParamSpec("P")
 T = TypeVar("T")
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-import pglast
 from pglast import ast
 from tqdm import tqdm
 
@@ -47,6 +46,7 @@ from haproxy_ln.replication.stream import parse_lsn
 from haproxy_ln.replicator.walsender import WalSenderConnection
 from haproxy_ln.store import bridge
 from haproxy_ln.store.schema import SCHEMA
+from haproxy_ln.store.statements import split
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +164,8 @@ async def _pg_dump(source: PgTarget, snapshot: str, section: str) -> list[str]:
         raise ReplicationError(f"pg_dump of the schema failed: {err.decode(errors='replace')}")
     # pg_dump 15.14 and later wrap the script in psql's \restrict ... \unrestrict.
     text = "\n".join(line for line in out.decode().splitlines() if not line.startswith("\\"))
-    data = text.encode()
-    statements = []
-    for raw in pglast.parse_sql(text):
-        if _is_event_trigger(raw.stmt):
-            continue  # our DDL trigger's function is in the excluded schema; replicas need none
-        start = raw.stmt_location or 0
-        end = start + raw.stmt_len if raw.stmt_len else len(data)
-        statements.append(data[start:end].decode())
-    return statements
+    # Our DDL trigger's function is in the excluded schema; replicas need no trigger.
+    return [sql for stmt, sql in split(text) if not _is_event_trigger(stmt)]
 
 
 async def _wipe(conn: asyncpg.Connection) -> None:
