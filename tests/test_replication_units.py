@@ -20,6 +20,7 @@ from haproxy_ln.replication.record import (
     Row,
     TruncateTables,
 )
+from haproxy_ln.store.apply import hoist_created_tables
 from haproxy_ln.store.statements import ddl_statements
 
 PACKAGE = Path(__file__).resolve().parent.parent / "haproxy_ln"
@@ -251,3 +252,14 @@ def test_pure_packages_import_no_io_or_clock(package: str) -> None:
             else:
                 continue
             assert not roots & FORBIDDEN, f"{path.name} imports {roots & FORBIDDEN}"
+
+
+def test_create_table_as_is_replayed_empty_before_its_streamed_rows() -> None:
+    (kept,) = ddl_statements("CREATE TABLE c AS SELECT 1 AS g")
+    assert "WITH NO DATA" in kept.upper()
+    ddl = Ddl("CREATE TABLE c AS SELECT 1 AS g", ("public",))
+    before = Row(Op.INSERT, "public", "other", ("x",), ("1",))
+    row = Row(Op.INSERT, "public", "c", ("g",), ("1",))
+    assert hoist_created_tables([before, row, ddl]) == [before, ddl, row]
+    plain = Ddl("ALTER TABLE c ADD COLUMN h int", ("public",))
+    assert hoist_created_tables([row, plain]) == [row, plain]  # only CREATE TABLE AS moves

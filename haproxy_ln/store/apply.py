@@ -41,9 +41,24 @@ from haproxy_ln.pgwire.sql import quote_ident, quote_literal
 from haproxy_ln.replication.record import Change, Ddl, Op, Record, Row, TruncateTables
 from haproxy_ln.replication.stream import format_lsn, parse_lsn
 from haproxy_ln.store.schema import POSITION_MOVED, SCHEMA, STALE_EPOCH
-from haproxy_ln.store.statements import ddl_statements
+from haproxy_ln.store.statements import created_with_rows, ddl_statements
 
 log = logging.getLogger(__name__)
+
+
+def hoist_created_tables(changes: Sequence[Change]) -> list[Change]:
+    """`changes` with each DDL that creates a table with rows (CREATE TABLE AS)
+    moved to just before the first row of that table."""
+    out = list(changes)
+    for ddl in [c for c in changes if isinstance(c, Ddl)]:
+        names = created_with_rows(ddl.sql)
+        first = next(
+            (i for i, c in enumerate(out) if isinstance(c, Row) and c.table in names), None
+        )
+        if first is not None and first < out.index(ddl):
+            out.remove(ddl)
+            out.insert(first, ddl)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +153,7 @@ class Applier:
         await self.conn.execute(self._fence_sql())
         pending: list[str] = []
         for record in records:
-            for change in record.changes:
+            for change in hoist_created_tables(record.changes):
                 if isinstance(change, Ddl):
                     if pending:
                         await self.conn.execute(";\n".join(pending))

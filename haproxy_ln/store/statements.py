@@ -56,6 +56,7 @@ def ddl_statements(sql: str) -> list[str]:
     effects arrive as rows (or do not belong on the replica): those are
     dropped. SELECT ... INTO creates a table and is kept. CONCURRENTLY is
     removed from index statements, since the batch runs in a transaction.
+    CREATE TABLE ... AS becomes WITH NO DATA: its rows arrive in the stream.
     Raises ReplicationError if the text does not parse.
     """
     kept = []
@@ -65,13 +66,36 @@ def ddl_statements(sql: str) -> list[str]:
         if isinstance(stmt, ast.SelectStmt) and stmt.intoClause is None:
             continue
         if isinstance(stmt, (ast.IndexStmt, ast.DropStmt)) and stmt.concurrent:
-            kept.append(RawStream()(_without_concurrently(stmt)))
+            kept.append(RawStream()(_with(stmt, concurrent=False)))
+        elif isinstance(stmt, ast.CreateTableAsStmt) and stmt.into is not None:
+            into = _with(stmt.into, skipData=True)
+            kept.append(RawStream()(_with(stmt, into=into)))
         else:
             kept.append(text)
     return kept
 
 
-def _without_concurrently(stmt: ast.IndexStmt | ast.DropStmt) -> ast.Node:
-    values = stmt(depth=None, skip_none=True)
-    values["concurrent"] = False
-    return type(stmt)(values)
+def _with(node: ast.Node, **changes: object) -> ast.Node:
+    """A copy of `node` with some fields changed."""
+    values = node(depth=None, skip_none=True)
+    values.update(
+        {
+            k: v(depth=None, skip_none=True) if isinstance(v, ast.Node) else v
+            for k, v in changes.items()
+        }
+    )
+    return type(node)(values)
+
+
+def created_with_rows(sql: str) -> set[str]:
+    """Names of the tables that CREATE TABLE ... AS statements in `sql` create.
+
+    Their rows reach the stream before the statement's DDL message (the
+    trigger fires at the end of the command), so the applier creates such a
+    table, empty, before its first row.
+    """
+    return {
+        stmt.into.rel.relname
+        for stmt, _ in split(sql)
+        if isinstance(stmt, ast.CreateTableAsStmt) and stmt.into is not None
+    }
