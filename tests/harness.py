@@ -56,7 +56,7 @@ class ProxyThread:
         self.port = 0
         self._token: trio.lowlevel.TrioToken | None = None
         self._proxy: Proxy | None = None
-        self._nursery: trio.Nursery | None = None
+        self._replicating: trio.CancelScope | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -87,20 +87,28 @@ class ProxyThread:
         self._proxy = Proxy(
             self.config, self.gate, implementation=impl, use_relay=self.mode == "relay"
         )
-        async with bridge.open_bridge(), trio.open_nursery() as nursery:
-            self._nursery = nursery
+        if self.replication is None:
+            await self._serve()
+        else:
+            async with bridge.open_bridge():
+                await self._serve()
+
+    async def _serve(self) -> None:
+        assert self._proxy is not None
+        async with trio.open_nursery() as nursery:
             addresses = await nursery.start(self._proxy.serve)
             self.port = addresses[0][1]
             if self.replication is not None:
                 self.replicator = Replicator(self.replication, node="a", epoch=1, gate=self.gate)
+                self._replicating = nursery.cancel_scope
                 await nursery.start(self.replicator.run)
             self._ready.set()
 
     def _stop(self) -> None:
         assert self._proxy is not None
         self._proxy.stop()
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        if self._replicating is not None:
+            self._replicating.cancel()
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` inside the proxy's trio loop and return its result."""
