@@ -23,7 +23,7 @@ Values arrive in PostgreSQL's text format and are written as literals cast
 replica: PostgreSQL's own apply parses values the same way, with the
 type's input function. Rows are found by their key: by equality when the
 key is the table's primary key (or replica identity index), otherwise
-(REPLICA IDENTITY FULL) by comparing each old value as text and touching
+(REPLICA IDENTITY FULL) by comparing each old value in its output text and touching
 one matching row only, as duplicate rows are allowed there. Every update
 and delete must touch exactly one row (HL002), or the replica has diverged.
 """
@@ -242,8 +242,12 @@ class Applier:
         if shape.key and shape.key == set(row.key_columns):
             where = " AND ".join(f"{quote_ident(c)} = {typed(c, v)}" for c, v in pairs)
         else:  # no usable key: compare every old value as text, touch one row only
+            # format('%s') prints with the type's output function, as pgoutput did.
             same = " AND ".join(
-                f"{quote_ident(c)}::text IS NOT DISTINCT FROM {quote_literal(v)}" for c, v in pairs
+                f"{quote_ident(c)} IS NULL"
+                if v is None
+                else f"format('%s', {quote_ident(c)}) = {quote_literal(v)}"
+                for c, v in pairs
             )
             where = f"ctid = (SELECT ctid FROM {name} WHERE {same} LIMIT 1)"
         if row.op is Op.UPDATE:

@@ -15,12 +15,11 @@ def split(sql: str) -> list[tuple[ast.Node, str]]:
         parsed = pglast.parse_sql(sql)
     except pglast.parser.ParseError as e:
         raise ReplicationError(f"cannot parse SQL: {e}") from e
-    data = sql.encode()  # locations count bytes
     out = []
-    for raw in parsed:
+    for raw in parsed:  # pglast gives locations in characters of `sql`
         start = raw.stmt_location or 0
-        end = start + raw.stmt_len if raw.stmt_len else len(data)
-        out.append((raw.stmt, data[start:end].decode().strip()))
+        end = start + raw.stmt_len if raw.stmt_len else len(sql)
+        out.append((raw.stmt, sql[start:end].strip()))
     return out
 
 
