@@ -212,3 +212,20 @@ def test_gate_stays_closed_after_a_primary_restart_until_the_replica_caught_up(
     finally:
         blocker.close()
         proxy.stop()
+
+
+def test_a_restart_of_the_replica_store_is_survived(pg_pair: Pair, tmp_path: Path) -> None:
+    primary, replica = pg_pair
+    primary.psql("CREATE TABLE t (id int PRIMARY KEY)")
+    rep = ReplicatorProcess(primary, replica, tmp_path / "rep.log").start()
+    try:
+        replica.stop()
+        replica.start()
+        committer = Committer(primary.dsn(), "INSERT INTO t VALUES (1)")
+        committer.start()
+        assert committer.done.wait(30), rep.log()
+        assert committer.error is None
+        assert count(replica, "t") == 1
+        assert rep.proc is not None and rep.proc.poll() is None, rep.log()
+    finally:
+        assert rep.stop() == 0, rep.log()

@@ -55,7 +55,13 @@ STATUS_INTERVAL = 1.0
 PRUNE_INTERVAL = 60.0
 QUEUE_RECORDS = 10_000
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0
-_TRANSIENT = (ReplicationError, ProtocolViolation, OSError, trio.BrokenResourceError)
+_TRANSIENT = (
+    ReplicationError,
+    ProtocolViolation,
+    OSError,
+    trio.BrokenResourceError,
+    *bridge.CONNECTION_LOST,
+)
 
 
 def targets(config: ReplicationConfig) -> tuple[PgTarget, PgTarget]:

@@ -25,6 +25,8 @@ from haproxy_ln.pgwire.dsn import PgTarget
 
 Connection = asyncpg.Connection
 PostgresError = asyncpg.PostgresError
+# What a store connection raises when its server goes away or restarts.
+CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, ConnectionError)
 P = ParamSpec("P")
 T = TypeVar("T")
 
