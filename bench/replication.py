@@ -3,7 +3,7 @@
 Usage (from the repository root; root on Debian 12, like the tests):
 
     .venv/bin/python -m bench.replication [--duration S] [--rounds N] [--scale S]
-                                          [--copy-scale S] [--quick]
+                                          [--copy-scale S] [--quick] [--keep]
 
 How this works: three setups run side by side, each a throwaway PostgreSQL
 15 primary with the real `haproxy-ln proxy` command in front of it, all
@@ -927,20 +927,37 @@ def copy_lines(c: CopyResult) -> list[str]:
     return [f"{k.ljust(width)}  {v}" for k, v in pairs]
 
 
-def target_lines(sums: dict[tuple[int, str], Summary], c: CopyResult) -> list[str]:
-    """One line per stated target, with the numbers it was judged on."""
+def paired(results: Results, i: int, field: str) -> list[float]:
+    """Per round, (c)'s `field` over (b)'s from the same round, for workload `i`."""
+    return [
+        getattr(c, field) / getattr(b, field)
+        for c, b in zip(results[(i, "c")], results[(i, "b")], strict=True)
+    ]
+
+
+def target_lines(
+    sums: dict[tuple[int, str], Summary], results: Results, c: CopyResult
+) -> list[str]:
+    """One line per stated target, with the numbers it was judged on.
+
+    Judged on the ratio of the medians; the ratios within each round, (c)
+    against the (b) run just before it, are shown too.
+    """
     lines = []
     for i, w in enumerate(WORKLOADS):
         ours, ref = sums[(i, "c")], sums[(i, "b")]
         tps_ratio, p99_ratio = ours.tps / ref.tps, ours.p99_ms / ref.p99_ms
         name = f"{w.label}, {w.clients} client{'s' if w.clients > 1 else ''}"
+        per_round = ", ".join(f"{r:.2f}" for r in paired(results, i, "tps"))
         lines.append(
             f"{verdict(tps_ratio >= 0.8)}  {name}: (c) TPS >= 0.8x (b)'s "
-            f"({ours.tps:.1f} vs {ref.tps:.1f}, {tps_ratio:.2f}x)"
+            f"({ours.tps:.1f} vs {ref.tps:.1f}, {tps_ratio:.2f}x; per round {per_round})"
         )
+        per_round = ", ".join(f"{r:.2f}" for r in paired(results, i, "p99_ms"))
         lines.append(
             f"{verdict(p99_ratio <= 1.5)}  {name}: (c) p99 <= 1.5x (b)'s "
-            f"({ours.p99_ms:.3f} vs {ref.p99_ms:.3f} ms, {p99_ratio:.2f}x)"
+            f"({ours.p99_ms:.3f} vs {ref.p99_ms:.3f} ms, {p99_ratio:.2f}x; "
+            f"per round {per_round})"
         )
     lines.append(
         f"{verdict(c.copy_mb_s >= 50)}  initial copy >= 50 MB/s "
@@ -983,7 +1000,7 @@ def report(
         "",
         "targets",
         "",
-        *target_lines(sums, copy),
+        *target_lines(sums, results, copy),
     ]
     return "\n".join(parts) + "\n"
 

@@ -40,7 +40,13 @@ async def _set_sync(config: ReplicationConfig, *, enable: bool) -> None:
     try:
         if enable:
             await bridge.call(primary.set_sync, conn, config.sync_name)
-            await bridge.call(primary.wait_sync_state, conn, config.sync_name, "sync", 30.0)
+            try:
+                await bridge.call(primary.wait_sync_state, conn, config.sync_name, "sync", 60.0)
+            except BaseException:
+                # Do not leave the primary waiting for a replicator that is going away.
+                with trio.CancelScope(shield=True):
+                    await bridge.call(primary.clear_sync, conn)
+                raise
             log.info("synchronous: every commit now waits for the replica store")
         else:
             await bridge.call(primary.clear_sync, conn)
