@@ -27,7 +27,6 @@ from haproxy_ln.config import (
     render,
 )
 from haproxy_ln.errors import ConfigError, HaproxyLnError
-from haproxy_ln.pgwire.dsn import PgTarget
 from haproxy_ln.proxy.server import run_standalone
 
 CONFIG_FILE = click.Path(path_type=Path)  # no checks here: load() reports unreadable files
@@ -234,13 +233,10 @@ def log_command(
     from haproxy_ln.replicator.standalone import print_log
 
     config, _ = _replication_config(config_file, {"source": store})
-    target = PgTarget.parse(config.source).with_password(
-        config.source_password.get_secret_value() if config.source_password else None
-    )
     run_trio(
         partial(
             print_log,
-            target,
+            config.source_target(),
             since=since,
             until=until,
             table=table,

@@ -366,6 +366,18 @@ class ReplicationConfig(_Section):
         default=5.0, gt=0, le=600, description="seconds to connect to either database"
     )
 
+    def source_target(self) -> PgTarget:
+        """`source` with its password attached, for connecting."""
+        return _target(self.source, self.source_password)
+
+    def replica_target(self) -> PgTarget | None:
+        """`replica` with its password attached; None when no replica is configured."""
+        return None if self.replica is None else _target(self.replica, self.replica_password)
+
+
+def _target(url: str, password: SecretStr | None) -> PgTarget:
+    return PgTarget.parse(url).with_password(password.get_secret_value() if password else None)
+
 
 class Config(_Section):
     """One node's whole configuration file."""

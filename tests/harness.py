@@ -178,8 +178,3 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def error_fields(body: bytes) -> dict[str, str]:
-    """The fields of an ErrorResponse body by their one-letter codes."""
-    return {f[:1].decode(): f[1:].decode() for f in body.split(b"\0") if f}

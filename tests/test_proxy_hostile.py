@@ -14,9 +14,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from harness import ProxyThread, RawClient, error_fields
+from harness import ProxyThread, RawClient
 
 from haproxy_ln.local import PostgresCluster, free_port
+from haproxy_ln.pgwire.messages import error_fields
 from haproxy_ln.pgwire.session import Session
 
 

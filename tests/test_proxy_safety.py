@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from harness import ProxyThread, RawClient, error_fields
+from harness import ProxyThread, RawClient
 
 from haproxy_ln.local import PostgresCluster
+from haproxy_ln.pgwire.messages import error_fields
 
 WAIT = 20.0
 

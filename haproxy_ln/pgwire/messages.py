@@ -121,6 +121,11 @@ def error_response(sqlstate: str, message: str, *, fatal: bool, hint: str | None
     return build(b"E", b"\0".join(fields) + b"\0\0")
 
 
+def error_fields(body: bytes) -> dict[str, str]:
+    """The fields of an ErrorResponse or NoticeResponse body, keyed by field code."""
+    return {chr(f[0]): f[1:].decode(errors="replace") for f in body.split(b"\0") if f}
+
+
 def ready_for_query(status: bytes) -> bytes:
     return build(b"Z", status)
 

@@ -39,6 +39,15 @@ from haproxy_ln.replication import pgoutput
 from haproxy_ln.replication.stream import PG_EPOCH_OFFSET_US
 
 FORMAT_VERSION = 1
+# Session settings under which text values print and parse back identically,
+# on the replication connection and on every store session alike.
+TEXT_SETTINGS = {
+    "DateStyle": "ISO",
+    "IntervalStyle": "postgres",
+    "TimeZone": "UTC",
+    "extra_float_digits": "3",
+    "bytea_output": "hex",
+}
 DDL_PREFIX = "haproxy_ln.ddl"
 OWN_SCHEMA = "haproxy_ln"
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -38,6 +39,7 @@ from haproxy_ln import metrics
 from haproxy_ln.config import ReplicationConfig
 from haproxy_ln.errors import ProtocolViolation, ReplicationError, SetupError
 from haproxy_ln.pgwire.dsn import PgTarget
+from haproxy_ln.pgwire.sql import quote_literal
 from haproxy_ln.proxy.gate import Gate
 from haproxy_ln.replication import pgoutput, stream
 from haproxy_ln.replication.record import Assembler, Record
@@ -66,15 +68,10 @@ _TRANSIENT = (
 
 def targets(config: ReplicationConfig) -> tuple[PgTarget, PgTarget]:
     """(source, replica) with their passwords. Raises SetupError without a replica."""
-    if config.replica is None:
+    replica = config.replica_target()
+    if replica is None:
         raise SetupError("[replication] replica is not set: nowhere to replicate to")
-    source = PgTarget.parse(config.source).with_password(
-        config.source_password.get_secret_value() if config.source_password else None
-    )
-    replica = PgTarget.parse(config.replica).with_password(
-        config.replica_password.get_secret_value() if config.replica_password else None
-    )
-    return source, replica
+    return config.source_target(), replica
 
 
 @dataclass
@@ -99,6 +96,7 @@ class Replicator:
         gate: Gate | None = None,
         progress: CopyProgress | None = None,
     ) -> None:
+        """Raises SetupError when `config` names no replica store."""
         self.config = config
         self.node = node
         self.epoch = epoch
@@ -108,6 +106,7 @@ class Replicator:
         self._send_lock = trio.Lock()
         self._sent = -1
         self._catch_up_to = 0  # WAL end the server reported when this session began
+        self._source, self._replica = targets(config)
 
     def _hold(self, reason: str) -> None:
         self.status.caught_up = False
@@ -146,14 +145,13 @@ class Replicator:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def _session(self, on_streaming: object) -> None:
-        assert callable(on_streaming)
-        source, replica = targets(self.config)
+    async def _session(self, on_streaming: Callable[[], None]) -> None:
+        source, replica = self._source, self._replica
         timeout = self.config.connect_timeout
         wal = await WalSenderConnection.connect(source, self.config.sync_name, timeout=timeout)
         try:
             system = await wal.identify_system()
-            wal_end_at_connect = parse_lsn(system.wal_flush)
+            self._catch_up_to = parse_lsn(system.wal_flush)
             # Bootstrap must not wait for a replicator that is not streaming yet: us.
             conn = await bridge.connect(
                 source, timeout=timeout, settings={"synchronous_commit": "local"}
@@ -168,7 +166,7 @@ class Replicator:
                 settings={"search_path": "pg_catalog", "session_replication_role": "replica"},
             )
             try:
-                await self._stream(wal, store, system.system_id, wal_end_at_connect, on_streaming)
+                await self._stream(wal, store, system.system_id, on_streaming)
             finally:
                 await bridge.close(store)
         finally:
@@ -179,22 +177,19 @@ class Replicator:
         wal: WalSenderConnection,
         store: bridge.Connection,
         system_id: str,
-        wal_end_at_connect: int,
-        on_streaming: object,
+        on_streaming: Callable[[], None],
     ) -> None:
-        assert callable(on_streaming)
         await bridge.call(primary.ensure_store, store)
         status = await bridge.call(replica_status, store)
         slot_rows = await wal.query(
             "SELECT 1 FROM pg_replication_slots WHERE slot_name = "
-            f"'{self.config.slot}' AND database = current_database()"
+            f"{quote_literal(self.config.slot)} AND database = current_database()"
         )
         if status is None or status.copying:
-            source, replica = targets(self.config)
             await initial_copy(
                 wal,
-                source,
-                replica,
+                self._source,
+                self._replica,
                 slot=self.config.slot,
                 epoch=self.epoch,
                 node=self.node,
@@ -217,7 +212,6 @@ class Replicator:
         position = await bridge.call(applier.load_position)
         await wal.start_replication(self.config.slot, format_lsn(position), PUBLICATION)
         confirmation = Confirmation(position)
-        self._catch_up_to = wal_end_at_connect
         self.status.streaming = True
         self._sent = -1
         log.info("streaming from %s to the replica store", format_lsn(position))

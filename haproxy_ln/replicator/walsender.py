@@ -29,18 +29,12 @@ from haproxy_ln.errors import ProtocolViolation, ReplicationError, ServerError
 from haproxy_ln.pgwire import messages
 from haproxy_ln.pgwire.dsn import PgTarget
 from haproxy_ln.pgwire.sql import quote_ident, quote_literal
+from haproxy_ln.replication.record import TEXT_SETTINGS
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = (1 << 30) + (1 << 20)  # one 1 GB field plus headers: PostgreSQL's own limit
-SESSION_SETTINGS = {
-    "DateStyle": "ISO",
-    "IntervalStyle": "postgres",
-    "TimeZone": "UTC",
-    "extra_float_digits": "3",
-    "bytea_output": "hex",
-    "client_encoding": "UTF8",
-}
+SESSION_SETTINGS = {**TEXT_SETTINGS, "client_encoding": "UTF8"}
 
 _AUTH_OK, _AUTH_CLEARTEXT, _AUTH_MD5 = 0, 3, 5
 _AUTH_SASL, _AUTH_SASL_CONTINUE, _AUTH_SASL_FINAL = 10, 11, 12
@@ -54,13 +48,10 @@ class SystemInfo:
     database: str | None
 
 
-def error_fields(body: bytes) -> dict[str, str]:
-    """The fields of an ErrorResponse or NoticeResponse body, keyed by field code."""
-    fields = {}
-    for part in body.split(b"\0"):
-        if part:
-            fields[chr(part[0])] = part[1:].decode(errors="replace")
-    return fields
+def server_error(body: bytes) -> ServerError:
+    """The ServerError an ErrorResponse body describes."""
+    fields = messages.error_fields(body)
+    return ServerError(fields.get("C", "XX000"), fields.get("M", "error"))
 
 
 class WalSenderConnection:
@@ -171,8 +162,7 @@ class WalSenderConnection:
             if kind == b"D":
                 rows.append(_data_row(payload))
             elif kind == b"E":
-                fields = error_fields(payload)
-                error = ServerError(fields.get("C", "XX000"), fields.get("M", "error"))
+                error = server_error(payload)
             elif kind == b"Z":
                 if error is not None:
                     raise error
@@ -200,8 +190,7 @@ class WalSenderConnection:
             if kind == b"W":
                 return
             if kind == b"E":
-                fields = error_fields(payload)
-                raise ServerError(fields.get("C", "XX000"), fields.get("M", "error"))
+                raise server_error(payload)
             if kind != b"N":
                 raise ProtocolViolation(f"unexpected message {kind!r} after START_REPLICATION")
 
@@ -213,12 +202,11 @@ class WalSenderConnection:
             if kind == b"d":
                 return payload
             if kind == b"E":
-                fields = error_fields(payload)
-                raise ServerError(fields.get("C", "XX000"), fields.get("M", "error"))
+                raise server_error(payload)
             if kind == b"c":
                 raise ReplicationError("the server ended the replication stream")
             if kind == b"N":
-                log.info("primary: %s", error_fields(payload).get("M", ""))
+                log.info("primary: %s", messages.error_fields(payload).get("M", ""))
             else:
                 raise ProtocolViolation(f"unexpected message {kind!r} in a replication stream")
 

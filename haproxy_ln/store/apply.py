@@ -46,6 +46,24 @@ from haproxy_ln.store.statements import created_with_rows, ddl_statements
 log = logging.getLogger(__name__)
 
 
+def _raise_if_stale(error: asyncpg.PostgresError, epoch: int) -> None:
+    """Raise StaleEpoch (logged) if `error` is check_fence refusing `epoch`."""
+    if error.sqlstate == STALE_EPOCH:
+        fence = int(getattr(error, "detail", None) or 0)
+        log.error("replica store refused epoch %d: fenced at %d", epoch, fence)
+        raise StaleEpoch(epoch, fence) from None
+
+
+async def raise_fence(conn: asyncpg.Connection, epoch: int, node: str) -> None:
+    """In the current transaction: lock the fence, refuse a lower epoch with
+    StaleEpoch, raise the fence to `epoch`."""
+    try:
+        await conn.execute(f"SELECT {SCHEMA}.check_fence($1, $2)", epoch, node)
+    except asyncpg.PostgresError as e:
+        _raise_if_stale(e, epoch)
+        raise
+
+
 def hoist_created_tables(changes: Sequence[Change]) -> list[Change]:
     """`changes` with each DDL that creates a table with rows (CREATE TABLE AS)
     moved to just before the first row of that table."""
@@ -131,10 +149,7 @@ class Applier:
         except asyncpg.PostgresError as e:
             self._shapes.clear()
             self.position = None
-            if e.sqlstate == STALE_EPOCH:
-                fence = int(getattr(e, "detail", None) or 0)
-                log.error("replica store refused epoch %d: fenced at %d", self.epoch, fence)
-                raise StaleEpoch(self.epoch, fence) from None
+            _raise_if_stale(e, self.epoch)
             if e.sqlstate == POSITION_MOVED:
                 raise ReplicationError(f"replica store: {e}") from None
             raise ReplicationError(f"applying to the replica store failed: {e}") from e

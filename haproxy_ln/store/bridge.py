@@ -22,6 +22,7 @@ import trio_asyncio
 
 from haproxy_ln.errors import ReplicationError
 from haproxy_ln.pgwire.dsn import PgTarget
+from haproxy_ln.replication.record import TEXT_SETTINGS
 
 Connection = asyncpg.Connection
 PostgresError = asyncpg.PostgresError
@@ -30,16 +31,9 @@ CONNECTION_LOST = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, Conn
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# Our sessions parse and print values exactly as the replication stream does
-# (see replicator.walsender.SESSION_SETTINGS) and are skipped by the DDL trigger.
-SESSION_SETTINGS = {
-    "DateStyle": "ISO",
-    "IntervalStyle": "postgres",
-    "TimeZone": "UTC",
-    "extra_float_digits": "3",
-    "bytea_output": "hex",
-    "haproxy_ln.internal": "on",
-}
+# Our sessions parse and print values exactly as the replication stream does,
+# and are skipped by the DDL trigger.
+SESSION_SETTINGS = {**TEXT_SETTINGS, "haproxy_ln.internal": "on"}
 
 
 @asynccontextmanager

@@ -39,12 +39,13 @@ from pglast import ast
 from tqdm import tqdm
 
 from haproxy_ln import metrics
-from haproxy_ln.errors import ReplicationError, SetupError, StaleEpoch
+from haproxy_ln.errors import ReplicationError, SetupError
 from haproxy_ln.pgwire.dsn import PgTarget
 from haproxy_ln.pgwire.sql import quote_ident, quote_literal
 from haproxy_ln.replication.stream import parse_lsn
 from haproxy_ln.replicator.walsender import WalSenderConnection
 from haproxy_ln.store import bridge
+from haproxy_ln.store.apply import raise_fence
 from haproxy_ln.store.schema import SCHEMA
 from haproxy_ln.store.statements import split
 
@@ -183,9 +184,7 @@ async def _wipe(conn: asyncpg.Connection) -> None:
 async def _prepare_replica(
     replica: PgTarget, *, epoch: int, node: str, system_id: str, source_db: str
 ) -> None:
-    conn = await asyncpg.connect(
-        **replica.asyncpg_kwargs(), server_settings=bridge.SESSION_SETTINGS
-    )
+    conn = await bridge.aio_connect(replica)
     try:
         same_system = await conn.fetchval("SELECT system_identifier::text FROM pg_control_system()")
         if (
@@ -194,15 +193,7 @@ async def _prepare_replica(
         ):
             raise SetupError("the replica store is the source database itself")
         async with conn.transaction():
-            fence = await conn.fetchval(f"SELECT epoch FROM {SCHEMA}.fence FOR UPDATE")
-            if fence is not None and fence > epoch:
-                raise StaleEpoch(epoch, fence)
-            await conn.execute(
-                f"INSERT INTO {SCHEMA}.fence (epoch, node) VALUES ($1, $2) "
-                "ON CONFLICT (singleton) DO UPDATE SET epoch = $1, node = $2, raised_at = now()",
-                epoch,
-                node,
-            )
+            await raise_fence(conn, epoch, node)
             await conn.execute(
                 f"INSERT INTO {SCHEMA}.replica_state "
                 "(source_system, source_node, source_lsn, epoch, status) "
@@ -299,9 +290,7 @@ async def _copy_data(
 
 
 async def _replay(replica: PgTarget, statements: list[str]) -> None:
-    conn = await asyncpg.connect(
-        **replica.asyncpg_kwargs(), server_settings=bridge.SESSION_SETTINGS
-    )
+    conn = await bridge.aio_connect(replica)
     try:
         async with conn.transaction():
             for statement in statements:
@@ -327,9 +316,7 @@ async def _copy(
     await _replay(replica, pre)
     await _copy_data(source, replica, snapshot, workers, progress)
     await _replay(replica, post)
-    conn = await asyncpg.connect(
-        **replica.asyncpg_kwargs(), server_settings=bridge.SESSION_SETTINGS
-    )
+    conn = await bridge.aio_connect(replica)
     try:
         await conn.execute(
             f"UPDATE {SCHEMA}.replica_state SET source_lsn = $1::text::pg_lsn, epoch = $2, "
