@@ -100,6 +100,11 @@ class Record:
     commit_time: int
     changes: tuple[Change, ...]
 
+    @property
+    def has_ddl(self) -> bool:
+        """Whether the transaction changed the schema."""
+        return any(isinstance(c, Ddl) for c in self.changes)
+
     def tables(self) -> list[str]:
         """Qualified names of the tables this record touches, in first-touch order."""
         names: dict[str, None] = {}

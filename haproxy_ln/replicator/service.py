@@ -271,7 +271,10 @@ class Replicator:
         next_prune = time.monotonic()
         while True:
             batch = [await receive.receive()]
-            while len(batch) < self.config.max_batch:
+            # DDL ends a batch: its effects may only be usable once committed
+            # (ALTER TYPE ... ADD VALUE), and PostgreSQL applied the later
+            # source transactions after that commit too.
+            while len(batch) < self.config.max_batch and not batch[-1].has_ddl:
                 try:
                     batch.append(receive.receive_nowait())
                 except trio.WouldBlock:

@@ -141,7 +141,7 @@ class Applier:
         if not fresh:
             return position
         try:
-            if any(isinstance(c, Ddl) for r in fresh for c in r.changes):
+            if any(r.has_ddl for r in fresh):
                 async with self.conn.transaction():
                     await self._apply_segmented(fresh, position)
             else:
