@@ -255,3 +255,50 @@ def demo(seconds: int, clients: int) -> None:
     from haproxy_ln.demo import run_demo
 
     raise SystemExit(run_demo(seconds, clients, lambda text: click.echo(f"* {text}", err=True)))
+
+
+@main.group()
+def keys() -> None:
+    """Prepare sealed secrets for key custody ([keys] in the node configuration)."""
+
+
+@keys.command("new-kek")
+@click.argument("file", type=click.Path(path_type=Path))
+def keys_new_kek(file: Path) -> None:
+    """Write a new random key-encryption key to FILE (mode 0400); never overwrites.
+
+    Give both nodes the same KEK, kept apart from the sealed files: a root-only
+    file (kek_file) or a systemd credential (kek_credential)."""
+    from haproxy_ln.keys.tools import new_kek
+
+    try:
+        kek = new_kek(file)
+    except HaproxyLnError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote a new KEK to {file} (key id {kek.key_id.hex()})")
+
+
+@keys.command("seal")
+@click.option(
+    "--kek",
+    "kek_file",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="File holding the key-encryption key.",
+)
+@click.option(
+    "--role",
+    help="Name the secret is written as, e.g. hsm_secret, node_seed.dat or "
+    "lnd-wallet-password [the name of IN].",
+)
+@click.argument("source", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("output", metavar="OUT", type=click.Path(path_type=Path))
+def keys_seal(kek_file: Path, role: str | None, source: Path, output: Path) -> None:
+    """Encrypt the secret file IN into the new sealed file OUT (never overwrites OUT)."""
+    from haproxy_ln.keys.tools import seal_file
+
+    try:
+        used = seal_file(kek_file, source, output, role)
+    except HaproxyLnError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"sealed {source} as role {used!r} into {output}")

@@ -48,6 +48,7 @@ from haproxy_ln.pgwire.dsn import PgTarget
 __all__ = [
     "Config",
     "HostPort",
+    "KeysConfig",
     "NodeConfig",
     "ProxyConfig",
     "ReplicationConfig",
@@ -379,6 +380,193 @@ def _target(url: str, password: SecretStr | None) -> PgTarget:
     return PgTarget.parse(url).with_password(password.get_secret_value() if password else None)
 
 
+def _check_abs_path(value: str) -> str:
+    if not value.startswith("/") or "\0" in value:
+        raise PydanticCustomError(
+            "abs_path", "expected {expected}", {"expected": "an absolute path, e.g. /etc/x"}
+        )
+    return value
+
+
+AbsPath = Annotated[str, AfterValidator(_check_abs_path)]
+KeysAdapter = Literal["none", "cln", "eclair", "command", "lnd"]
+_FILE_ADAPTERS = ("cln", "eclair", "command")
+_KEYS_USED_IN: dict[str, tuple[str, ...]] = {  # key -> the adapters it belongs to
+    "target_dir": ("cln", "eclair"),
+    "owner": _FILE_ADAPTERS,
+    "cln_hsm_secret": ("cln",),
+    "eclair_seeds": ("eclair",),
+    "command_files": ("command",),
+    "lnd_rpc": ("lnd",),
+    "lnd_tls_cert": ("lnd",),
+    "lnd_wallet_password": ("lnd",),
+}
+_KEYS_REQUIRED = (
+    "cln_hsm_secret",
+    "eclair_seeds",
+    "command_files",
+    "lnd_rpc",
+    "lnd_tls_cert",
+    "lnd_wallet_password",
+)
+
+
+class SecretFileConfig(_Section):
+    """One secret file of the "command" adapter: the sealed file and where it is written."""
+
+    sealed: AbsPath = Field(description="the sealed file, made with `haproxy-ln keys seal`")
+    target: AbsPath = Field(
+        description="where the secret is written while this node is active; it must have been "
+        "sealed for the role that is the target's file name"
+    )
+
+
+class KeysConfig(_Section):
+    """[keys]: custody of the Lightning node's secrets; only the active node holds them."""
+
+    adapter: KeysAdapter = Field(
+        default="none",
+        description='"cln" (hsm_secret), "eclair" (seed files), "command" (any files), "lnd" '
+        '(unlock over gRPC) or "none" (haproxy-ln holds no keys)',
+    )
+    kek_file: AbsPath | None = Field(
+        default=None,
+        description="file holding the key-encryption key (mode 0400); or use kek_credential",
+    )
+    kek_credential: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$",
+        validate_default=True,
+        description="name of the systemd credential holding the key-encryption key; "
+        'required (or kek_file) unless adapter = "none"',
+    )
+    runtime_dir: AbsPath = Field(
+        default="/run/haproxy-ln/keys",
+        description="private directory (mode 0700, created if missing) for secrets while active",
+    )
+    target_dir: AbsPath | None = Field(
+        default=None,
+        validate_default=True,
+        description="cln and eclair: existing directory the files are written to instead of "
+        "runtime_dir, e.g. the lightning dir",
+    )
+    owner: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,31})?$",
+        validate_default=True,
+        description='"user" or "user:group" the written files and runtime_dir belong to '
+        "(the daemon's user)",
+    )
+    cln_hsm_secret: AbsPath | None = Field(
+        default=None,
+        validate_default=True,
+        description='sealed hsm_secret; required when adapter = "cln"',
+    )
+    eclair_seeds: Annotated[tuple[AbsPath, ...], Field(strict=False)] | None = Field(
+        default=None,
+        validate_default=True,
+        description="sealed seed files named <name>.sealed, e.g. node_seed.dat.sealed; "
+        'required when adapter = "eclair"',
+    )
+    command_files: Annotated[tuple[SecretFileConfig, ...], Field(strict=False)] | None = Field(
+        default=None,
+        validate_default=True,
+        description="secret files as {sealed = ..., target = ...}; required when adapter = "
+        '"command"',
+    )
+    lnd_rpc: HostPort | None = Field(
+        default=None,
+        validate_default=True,
+        description='HOST:PORT of lnd\'s gRPC interface; required when adapter = "lnd"',
+    )
+    lnd_tls_cert: AbsPath | None = Field(
+        default=None,
+        validate_default=True,
+        description='lnd\'s tls.cert; required when adapter = "lnd"',
+    )
+    lnd_wallet_password: AbsPath | None = Field(
+        default=None,
+        validate_default=True,
+        description='sealed wallet password; required when adapter = "lnd"',
+    )
+    lnd_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="seconds each lnd call may take, and lnd may take to be ready to unlock",
+    )
+
+    @field_validator("kek_credential")
+    @classmethod
+    def _one_kek(cls, credential: str | None, info: ValidationInfo) -> str | None:
+        if "adapter" not in info.data or "kek_file" not in info.data:  # invalid themselves
+            return credential
+        kek_file = info.data["kek_file"]
+        if kek_file is not None and credential is not None:
+            raise PydanticCustomError(
+                "one_kek",
+                "expected {expected}; {reason}",
+                {"expected": "one of kek_file and kek_credential", "reason": "both are set"},
+            )
+        if kek_file is None and credential is None and info.data["adapter"] != "none":
+            raise PydanticCustomError("missing", "required unless kek_file is set")
+        return credential
+
+    @field_validator(*_KEYS_USED_IN)
+    @classmethod
+    def _fits_adapter(cls, value: Any, info: ValidationInfo) -> Any:
+        adapter, key = info.data.get("adapter"), info.field_name or ""
+        if adapter is None:  # itself invalid
+            return value
+        used_in = _KEYS_USED_IN[key]
+        if adapter in used_in and value is None and key in _KEYS_REQUIRED:
+            raise PydanticCustomError("missing", f"required when adapter = {adapter!r}")
+        if adapter not in used_in and value is not None:
+            raise PydanticCustomError(
+                "unused_setting",
+                "expected {expected}; {reason}",
+                {
+                    "expected": f"no {key}: it is used only when adapter is "
+                    + " or ".join(f'"{a}"' for a in used_in),
+                    "reason": f'adapter is "{adapter}"',
+                },
+            )
+        if key == "eclair_seeds" and value is not None:
+            _check_eclair_seeds(value)
+        if key == "command_files" and value is not None:
+            _check_command_files(value)
+        return value
+
+
+def _check_eclair_seeds(seeds: tuple[str, ...]) -> None:
+    names = [seed.rpartition("/")[2].removesuffix(".sealed") for seed in seeds]
+    if not seeds or not all(s.endswith(".sealed") for s in seeds) or not all(names):
+        raise PydanticCustomError(
+            "eclair_seeds",
+            "expected {expected}",
+            {
+                "expected": "one or more sealed files named <name>.sealed, e.g. "
+                "/etc/haproxy-ln/node_seed.dat.sealed"
+            },
+        )
+    if len(set(names)) != len(names):
+        raise PydanticCustomError(
+            "eclair_seeds",
+            "expected {expected}; {reason}",
+            {"expected": "sealed files of distinct names", "reason": "two give the same name"},
+        )
+
+
+def _check_command_files(files: tuple[SecretFileConfig, ...]) -> None:
+    targets = [f.target for f in files]
+    if not files or len(set(targets)) != len(targets):
+        raise PydanticCustomError(
+            "command_files",
+            "expected {expected}",
+            {"expected": "one or more {sealed = ..., target = ...} tables, each target once"},
+        )
+
+
 class Config(_Section):
     """One node's whole configuration file."""
 
@@ -387,6 +575,7 @@ class Config(_Section):
     replication: ReplicationConfig = Field(
         default_factory=ReplicationConfig, description="the [replication] table"
     )
+    keys: KeysConfig = Field(default_factory=KeysConfig, description="the [keys] table")
 
 
 # --- errors ----------------------------------------------------------------------------------

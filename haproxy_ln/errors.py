@@ -57,3 +57,28 @@ class StaleEpoch(SetupError):
             f"the replica store is fenced at epoch {fence_epoch}; this writer's epoch "
             f"{writer_epoch} is stale, so a newer leader exists and nothing was applied"
         )
+
+
+class KeyCustodyError(HaproxyLnError):
+    """Keys cannot be opened, materialized or destroyed as configured; never holds secret bytes."""
+
+
+class SealedFileError(KeyCustodyError):
+    """A sealed secret file cannot be opened: unreadable, not sealed, wrong KEK, or altered."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"sealed file {path}: {problem}")
+
+
+class LndError(KeyCustodyError):
+    """lnd answered its gRPC interface with an error, or the answer made no sense."""
+
+
+class LndUnreachable(LndError):
+    """lnd's gRPC interface did not answer: not running, not listening yet, or hung."""
+
+
+class WrongWalletPassword(LndError):
+    """lnd refused the wallet password: its wallet stays locked."""

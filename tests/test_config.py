@@ -50,6 +50,11 @@ max_batch = 1000
 copy_workers = 2
 txlog_retention_days = 7.0
 connect_timeout = 5.0
+
+[keys]
+adapter = "none"
+runtime_dir = "/run/haproxy-ln/keys"
+lnd_timeout = 10.0
 """
 
 ALLOWED_PROXY_KEYS = (
@@ -180,13 +185,13 @@ def test_models_are_frozen() -> None:
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     assert problems_for(tmp_path, 'colour = "blue"\n[node]\nname = "a"\n') == [
-        "colour: unknown key; allowed keys at top level: node, proxy, replication"
+        "colour: unknown key; allowed keys at top level: keys, node, proxy, replication"
     ]
 
 
 def test_unknown_section(tmp_path: Path) -> None:
     assert problems_for(tmp_path, '[node]\nname = "a"\n[proxi]\nlisten = "x"\n') == [
-        "proxi: unknown key; allowed keys at top level: node, proxy, replication"
+        "proxi: unknown key; allowed keys at top level: keys, node, proxy, replication"
     ]
 
 
@@ -525,7 +530,7 @@ def test_cli_check_config_lists_every_problem(tmp_path: Path) -> None:
         f"error: {path} is invalid:\n"
         "  - proxy.listen: got 'localhost'; expected HOST:PORT with port 1..65535; "
         "no ':PORT' given\n"
-        "  - bogus: unknown key; allowed keys at top level: node, proxy, replication\n"
+        "  - bogus: unknown key; allowed keys at top level: keys, node, proxy, replication\n"
     )
 
 
