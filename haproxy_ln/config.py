@@ -47,6 +47,7 @@ from haproxy_ln.pgwire.dsn import PgTarget
 
 __all__ = [
     "Config",
+    "DaemonConfig",
     "HostPort",
     "KeysConfig",
     "NodeConfig",
@@ -380,6 +381,183 @@ def _target(url: str, password: SecretStr | None) -> PgTarget:
     return PgTarget.parse(url).with_password(password.get_secret_value() if password else None)
 
 
+# A TOML array of strings; kept as a tuple so the frozen model stays hashable.
+Argv = Annotated[tuple[str, ...], Field(strict=False)]
+_ARGV_MODES = {"command": "child", "start": "command", "stop": "command", "kill": "command"}
+_PROBE_SETTINGS = {
+    "probe_address": ("tcp", "lnd"),
+    "probe_tls_cert": ("lnd",),
+    "probe_command": ("command",),
+}
+
+
+class DaemonConfig(_Section):
+    """[daemon]: how the Lightning daemon is started, awaited, stopped and killed."""
+
+    mode: Literal["none", "child", "command"] = Field(
+        default="none",
+        description='"child": run `command` as a child process; "command": run the `start`, '
+        '`stop` and `kill` commands (e.g. systemctl); "none": haproxy-ln runs no daemon',
+    )
+    command: Argv | None = Field(
+        default=None,
+        validate_default=True,
+        description='the daemon\'s program and arguments; required when mode = "child", '
+        'e.g. ["lightningd", "--conf=/etc/lightning/config"]',
+    )
+    start: Argv | None = Field(
+        default=None,
+        validate_default=True,
+        description='command that starts the daemon; required when mode = "command", '
+        'e.g. ["systemctl", "start", "lightningd.service"]',
+    )
+    stop: Argv | None = Field(
+        default=None,
+        validate_default=True,
+        description="command that stops the daemon gracefully and waits; required when mode = "
+        '"command", e.g. ["systemctl", "stop", "lightningd.service"]',
+    )
+    kill: Argv | None = Field(
+        default=None,
+        validate_default=True,
+        description='command that kills the daemon at once; required when mode = "command", '
+        'e.g. ["systemctl", "kill", "--signal=SIGKILL", "lightningd.service"]',
+    )
+    status: Argv | None = Field(
+        default=None,
+        validate_default=True,
+        description='optional, mode = "command" only: exits 0 while any of the daemon runs, '
+        "non-zero once it is wholly stopped",
+    )
+    probe: Literal["none", "tcp", "command", "lnd"] = Field(
+        default="none",
+        description='readiness probe: "tcp" (probe_address accepts a connection), "command" '
+        '(probe_command exits 0), "lnd" (lnd\'s State.GetState at probe_address says '
+        'RPC_ACTIVE or SERVER_ACTIVE) or "none" (ready once started)',
+    )
+    probe_address: HostPort | None = Field(
+        default=None,
+        validate_default=True,
+        description="HOST:PORT the daemon listens on once ready (lnd: its gRPC interface); "
+        'required when probe = "tcp" or "lnd"',
+    )
+    probe_tls_cert: str | None = Field(
+        default=None,
+        validate_default=True,
+        description='absolute path of lnd\'s tls.cert; required when probe = "lnd"',
+    )
+    probe_command: Argv | None = Field(
+        default=None,
+        validate_default=True,
+        description="command that exits 0 once the daemon is ready; required when probe = "
+        '"command"',
+    )
+    start_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="seconds from start to ready; after that start has failed and the daemon "
+        "is killed",
+    )
+    stop_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="seconds a graceful stop may take before the daemon is killed",
+    )
+    kill_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="seconds a kill may take (the kill command, or the processes to be gone)",
+    )
+    probe_interval: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        validate_default=True,
+        description="seconds between readiness probes",
+    )
+    probe_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        validate_default=True,
+        description="seconds one readiness probe may take",
+    )
+
+    @field_validator("command", "start", "stop", "kill", "status")
+    @classmethod
+    def _argv_fits_mode(
+        cls, argv: tuple[str, ...] | None, info: ValidationInfo
+    ) -> tuple[str, ...] | None:
+        mode, key = info.data.get("mode"), info.field_name or ""
+        if mode is None:  # itself invalid
+            return argv
+        used_in = _ARGV_MODES.get(key, "command")
+        _check_only_when(argv, key, "mode", mode, used_in, required=key in _ARGV_MODES)
+        return argv
+
+    @field_validator("probe_address", "probe_tls_cert", "probe_command")
+    @classmethod
+    def _probe_setting_fits_probe(cls, value: Any, info: ValidationInfo) -> Any:
+        probe, key = info.data.get("probe"), info.field_name or ""
+        if probe is None:
+            return value
+        _check_only_when(value, key, "probe", probe, _PROBE_SETTINGS[key], required=True)
+        if key == "probe_tls_cert" and value is not None and not value.startswith("/"):
+            raise PydanticCustomError(
+                "abs_path", "expected {expected}", {"expected": "an absolute path"}
+            )
+        return value
+
+    @field_validator("probe_interval", "probe_timeout")
+    @classmethod
+    def _probe_fits_start_timeout(cls, seconds: float, info: ValidationInfo) -> float:
+        start_timeout = info.data.get("start_timeout")
+        if start_timeout is not None and seconds >= start_timeout:
+            raise PydanticCustomError(
+                "below_start_timeout",
+                "expected {expected}; {reason}",
+                {
+                    "expected": f"less than start_timeout ({start_timeout})",
+                    "reason": "a probe must fit in the time a start may take",
+                },
+            )
+        return seconds
+
+
+def _check_only_when(
+    value: object,
+    key: str,
+    switch: str,
+    chosen: str,
+    used_in: str | tuple[str, ...],
+    *,
+    required: bool,
+) -> None:
+    """Raises PydanticCustomError, saying what to set, unless `value` suits `switch` = `chosen`."""
+    if isinstance(value, tuple) and (not value or not value[0]):
+        raise PydanticCustomError(
+            "argv",
+            "expected {expected}",
+            {"expected": 'a program and its arguments, e.g. ["lightningd"]; the program is empty'},
+        )
+    used_in = (used_in,) if isinstance(used_in, str) else used_in
+    if chosen in used_in and value is None and required:
+        raise PydanticCustomError("missing", f"required when {switch} = {chosen!r}")
+    if chosen not in used_in and value is not None:
+        choices = " or ".join(f'"{c}"' for c in used_in)
+        raise PydanticCustomError(
+            "unused_setting",
+            "expected {expected}; {reason}",
+            {
+                "expected": f"no {key}: it is used only when {switch} = {choices}",
+                "reason": f'{switch} is "{chosen}"',
+            },
+        )
+
+
 def _check_abs_path(value: str) -> str:
     if not value.startswith("/") or "\0" in value:
         raise PydanticCustomError(
@@ -575,6 +753,7 @@ class Config(_Section):
     replication: ReplicationConfig = Field(
         default_factory=ReplicationConfig, description="the [replication] table"
     )
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="the [daemon] table")
     keys: KeysConfig = Field(default_factory=KeysConfig, description="the [keys] table")
 
 
@@ -649,6 +828,7 @@ _EXPECTED = {  # pydantic error type -> what is allowed; {names} come from the e
     "model_attributes_type": "a table",
     "dict_type": "a table",
     "list_type": "an array",
+    "tuple_type": "an array",
     "string_pattern_mismatch": "a string matching {pattern}",
     "string_too_short": "a string of length at least {min_length}",
     "string_too_long": "a string of length at most {max_length}",

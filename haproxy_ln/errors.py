@@ -82,3 +82,7 @@ class LndUnreachable(LndError):
 
 class WrongWalletPassword(LndError):
     """lnd refused the wallet password: its wallet stays locked."""
+
+
+class DaemonFailed(HaproxyLnError):
+    """The Lightning daemon did not start, stop or die as asked; the message says why."""

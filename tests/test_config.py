@@ -13,6 +13,7 @@ from haproxy_ln import __version__
 from haproxy_ln.cli import main
 from haproxy_ln.config import (
     Config,
+    DaemonConfig,
     HostPort,
     NodeConfig,
     ProxyConfig,
@@ -50,6 +51,15 @@ max_batch = 1000
 copy_workers = 2
 txlog_retention_days = 7.0
 connect_timeout = 5.0
+
+[daemon]
+mode = "none"
+probe = "none"
+start_timeout = 60.0
+stop_timeout = 30.0
+kill_timeout = 10.0
+probe_interval = 0.5
+probe_timeout = 5.0
 
 [keys]
 adapter = "none"
@@ -185,13 +195,13 @@ def test_models_are_frozen() -> None:
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     assert problems_for(tmp_path, 'colour = "blue"\n[node]\nname = "a"\n') == [
-        "colour: unknown key; allowed keys at top level: keys, node, proxy, replication"
+        "colour: unknown key; allowed keys at top level: daemon, keys, node, proxy, replication"
     ]
 
 
 def test_unknown_section(tmp_path: Path) -> None:
     assert problems_for(tmp_path, '[node]\nname = "a"\n[proxi]\nlisten = "x"\n') == [
-        "proxi: unknown key; allowed keys at top level: keys, node, proxy, replication"
+        "proxi: unknown key; allowed keys at top level: daemon, keys, node, proxy, replication"
     ]
 
 
@@ -530,7 +540,8 @@ def test_cli_check_config_lists_every_problem(tmp_path: Path) -> None:
         f"error: {path} is invalid:\n"
         "  - proxy.listen: got 'localhost'; expected HOST:PORT with port 1..65535; "
         "no ':PORT' given\n"
-        "  - bogus: unknown key; allowed keys at top level: keys, node, proxy, replication\n"
+        "  - bogus: unknown key; allowed keys at top level: "
+        "daemon, keys, node, proxy, replication\n"
     )
 
 
@@ -545,3 +556,109 @@ def test_cli_version() -> None:
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0
     assert result.stdout == f"haproxy-ln, version {__version__}\n"
+
+
+# --- [daemon] --------------------------------------------------------------------------------
+
+
+def daemon_problems(tmp_path: Path, body: str) -> list[str]:
+    return problems_for(tmp_path, f'[node]\nname = "a"\n[daemon]\n{body}\n')
+
+
+def test_example_mentions_every_daemon_key() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for key in DaemonConfig.model_fields:
+        assert f"\n{key} = " in text or f"\n# {key} = " in text, key
+
+
+def test_daemon_sections_of_each_mode_round_trip(tmp_path: Path) -> None:
+    child = (
+        '[node]\nname = "a"\n[daemon]\nmode = "child"\n'
+        'command = ["lightningd", "--conf=/etc/lightning/config"]\n'
+        'probe = "tcp"\nprobe_address = "127.0.0.1:9735"\nstart_timeout = 5.0\n'
+        "probe_interval = 0.1\nprobe_timeout = 1.0\n"
+    )
+    command = (
+        '[node]\nname = "a"\n[daemon]\nmode = "command"\n'
+        'start = ["systemctl", "start", "lnd"]\nstop = ["systemctl", "stop", "lnd"]\n'
+        'kill = ["systemctl", "kill", "--signal=SIGKILL", "lnd"]\n'
+        'status = ["systemctl", "is-active", "--quiet", "lnd"]\n'
+        'probe = "lnd"\nprobe_address = "127.0.0.1:10009"\n'
+        'probe_tls_cert = "/var/lib/lnd/tls.cert"\n'
+    )
+    for text in (child, command):
+        config = load(write(tmp_path, text))
+        assert load(write(tmp_path, render(config), "again.toml")) == config
+    daemon = load(write(tmp_path, child)).daemon
+    assert daemon.command == ("lightningd", "--conf=/etc/lightning/config")
+    assert daemon.probe_address == HostPort("127.0.0.1", 9735)
+    hash(daemon)  # argv lists become tuples: the section stays hashable
+
+
+def test_daemon_child_mode_without_command_says_what_to_set(tmp_path: Path) -> None:
+    assert daemon_problems(tmp_path, 'mode = "child"') == [
+        "daemon.command: missing; required (the daemon's program and arguments; required "
+        'when mode = "child", e.g. ["lightningd", "--conf=/etc/lightning/config"])'
+    ]
+
+
+def test_daemon_command_mode_needs_start_stop_and_kill(tmp_path: Path) -> None:
+    problems = daemon_problems(tmp_path, 'mode = "command"\nstart = ["systemctl", "start", "x"]')
+    assert [p.partition(":")[0] for p in problems] == ["daemon.stop", "daemon.kill"]
+    assert all('required when mode = "command"' in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (
+            'mode = "child"\ncommand = ["x"]\nstop = ["systemctl", "stop", "x"]',
+            "daemon.stop: got ['systemctl', 'stop', 'x']; expected no stop: it is used only "
+            'when mode = "command"; mode is "child"',
+        ),
+        (
+            'command = ["x"]',
+            "daemon.command: got ['x']; expected no command: it is used only when "
+            'mode = "child"; mode is "none"',
+        ),
+        (
+            'mode = "child"\ncommand = []',
+            "daemon.command: got []; expected a program and its arguments, "
+            'e.g. ["lightningd"]; the program is empty',
+        ),
+        (
+            'mode = "child"\ncommand = "lightningd"',
+            "daemon.command: got 'lightningd'; expected an array",
+        ),
+        (
+            'probe = "tcp"',
+            "daemon.probe_address: missing; required (HOST:PORT the daemon listens on once "
+            'ready (lnd: its gRPC interface); required when probe = "tcp" or "lnd")',
+        ),
+        (
+            'probe = "command"\nprobe_command = ["true"]\nprobe_address = "127.0.0.1:1"',
+            "daemon.probe_address: got '127.0.0.1:1'; expected no probe_address: it is used "
+            'only when probe = "tcp" or "lnd"; probe is "command"',
+        ),
+        (
+            'probe = "lnd"\nprobe_address = "127.0.0.1:10009"\nprobe_tls_cert = "tls.cert"',
+            "daemon.probe_tls_cert: got 'tls.cert'; expected an absolute path",
+        ),
+        (
+            "start_timeout = 2.0\nprobe_interval = 2.0\nprobe_timeout = 1.0",
+            "daemon.probe_interval: got 2.0; expected less than start_timeout (2.0); "
+            "a probe must fit in the time a start may take",
+        ),
+        (
+            "start_timeout = 4.0",  # the default probe_timeout is 5 s
+            "daemon.probe_timeout: got 5.0; expected less than start_timeout (4.0); "
+            "a probe must fit in the time a start may take",
+        ),
+        (
+            'mode = "systemd"',
+            "daemon.mode: got 'systemd'; expected one of 'none', 'child' or 'command'",
+        ),
+    ],
+)
+def test_daemon_problems(tmp_path: Path, body: str, problem: str) -> None:
+    assert daemon_problems(tmp_path, body) == [problem]
