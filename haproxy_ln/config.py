@@ -43,11 +43,13 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import ErrorDetails, PydanticCustomError, core_schema
 
 from haproxy_ln.errors import ConfigError
+from haproxy_ln.ha.model import Timing
 from haproxy_ln.pgwire.dsn import PgTarget
 
 __all__ = [
     "Config",
     "DaemonConfig",
+    "HaConfig",
     "HostPort",
     "KeysConfig",
     "NodeConfig",
@@ -745,6 +747,102 @@ def _check_command_files(files: tuple[SecretFileConfig, ...]) -> None:
         )
 
 
+def _seconds(value: float) -> str:
+    return f"{round(value, 3):g} s"
+
+
+class HaConfig(_Section):
+    """[ha]: the etcd lease, self-fencing and degrading (`[replication].mode` says whether)."""
+
+    lease_ttl: float = Field(
+        default=2.0,
+        ge=1,
+        le=300,
+        description="seconds the etcd lease lives without a keepalive: a leader that dies "
+        "is replaced after about this long",
+    )
+    keepalive_interval: float | None = Field(
+        default=None, gt=0, description="seconds between lease keepalives; unset: lease_ttl / 3"
+    )
+    safety_margin: float = Field(
+        default=0.5,
+        gt=0,
+        validate_default=True,  # the rule below involves the other keys
+        description="seconds before the lease could expire at which a leader that could not "
+        "renew it has killed the daemon, destroyed the keys and closed the gate",
+    )
+    degrade_after: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="seconds the replica may be unreachable before the active runs on alone "
+        '(mode "sync" only)',
+    )
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _whole_seconds(cls, ttl: float) -> float:
+        if ttl != int(ttl):
+            raise PydanticCustomError(
+                "whole_seconds",
+                "expected {expected}; {reason}",
+                {
+                    "expected": "a whole number of seconds >= 1 and <= 300",
+                    "reason": "etcd grants leases in whole seconds",
+                },
+            )
+        return ttl
+
+    @field_validator("keepalive_interval")
+    @classmethod
+    def _keepalive_within_ttl(cls, interval: float | None, info: ValidationInfo) -> float | None:
+        ttl = info.data.get("lease_ttl")  # absent when invalid itself
+        if interval is not None and ttl is not None and interval >= ttl:
+            raise PydanticCustomError(
+                "keepalive_too_slow",
+                "expected {expected}; {reason}",
+                {
+                    "expected": f"a number of seconds below lease_ttl ({_seconds(ttl)})",
+                    "reason": "the lease would expire between keepalives: "
+                    "lower keepalive_interval or raise lease_ttl",
+                },
+            )
+        return interval
+
+    @field_validator("safety_margin")
+    @classmethod
+    def _renewal_fits_before_deadline(cls, margin: float, info: ValidationInfo) -> float:
+        # The leader fences itself at last keepalive sent + lease_ttl - safety_margin;
+        # the next keepalive, due keepalive_interval after the last, must come before.
+        ttl = info.data.get("lease_ttl")
+        if ttl is None or "keepalive_interval" not in info.data:  # invalid themselves
+            return margin
+        interval = info.data["keepalive_interval"]
+        interval = ttl / 3 if interval is None else interval
+        if margin >= ttl - interval:
+            unset = " (unset: lease_ttl / 3)" if info.data["keepalive_interval"] is None else ""
+            raise PydanticCustomError(
+                "margin_leaves_no_renewal",
+                "expected {expected}; {reason}",
+                {
+                    "expected": "a number of seconds below lease_ttl - keepalive_interval "
+                    f"({_seconds(ttl)} - {_seconds(interval)}{unset} = "
+                    f"{_seconds(ttl - interval)})",
+                    "reason": "a leader must be able to renew its lease at least once before "
+                    "it fences itself: lower safety_margin or keepalive_interval, "
+                    "or raise lease_ttl",
+                },
+            )
+        return margin
+
+    def timing(self) -> Timing:
+        """The timing the HA state machine follows."""
+        interval = self.keepalive_interval
+        if interval is None:
+            interval = self.lease_ttl / 3
+        return Timing(self.lease_ttl, interval, self.safety_margin, self.degrade_after)
+
+
 class Config(_Section):
     """One node's whole configuration file."""
 
@@ -755,6 +853,7 @@ class Config(_Section):
     )
     daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="the [daemon] table")
     keys: KeysConfig = Field(default_factory=KeysConfig, description="the [keys] table")
+    ha: HaConfig = Field(default_factory=HaConfig, description="the [ha] table")
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -847,7 +946,7 @@ def _expected(err: ErrorDetails, field: FieldInfo | None, secret: bool) -> str:
     if "expected" in ctx and kind not in _EXPECTED:  # our own errors say it, maybe with why
         return str(ctx["expected"]) + (f"; {ctx['reason']}" if "reason" in ctx else "")
     if kind.startswith(("int_", "float_", "greater_than", "less_than")):  # say the whole range
-        number = _NUMBER_KINDS.get(field.annotation) if field else None
+        number = _NUMBER_KINDS.get(_unwrap(field.annotation)) if field else None
         metadata = field.metadata if field else []
         bounds = [f"{op} {getattr(m, k)}" for m in metadata for k, op in _BOUNDS if hasattr(m, k)]
         bounds = bounds or [f"{op} {ctx[k]}" for k, op in _BOUNDS if k in ctx]
