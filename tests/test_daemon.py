@@ -374,6 +374,44 @@ async def test_kill_interrupts_a_start_under_way(
     assert kinds(events_path) == ["daemon.started", "daemon.killed", "daemon.stopped"]
 
 
+async def test_stop_interrupts_a_start_under_way(
+    fake_daemon: Path, events: EventLog, events_path: Path, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "pid"
+    config = child_config(fake_daemon, f"pidfile={pidfile}", "delay=600", port=free_port())
+    async with open_supervisor(config, events) as supervisor, trio.open_nursery() as nursery:
+        failures: list[DaemonFailed] = []
+
+        async def start() -> None:
+            try:
+                await supervisor.start()
+            except DaemonFailed as e:
+                failures.append(e)
+
+        nursery.start_soon(start)
+        await wait_for(pidfile.exists)
+        await supervisor.stop()
+        assert supervisor.status().exit_code == -signal.SIGTERM
+        await wait_for(lambda: bool(failures))
+        assert "start interrupted by stop()" in str(failures[0])
+    assert kinds(events_path) == ["daemon.started", "daemon.stopping", "daemon.stopped"]
+
+
+async def test_a_cancelled_start_leaves_no_daemon_running(
+    fake_daemon: Path, events: EventLog, events_path: Path
+) -> None:
+    config = child_config(fake_daemon, "delay=600", port=free_port())
+    async with open_supervisor(config, events) as supervisor:
+        with trio.move_on_after(0.5) as scope:
+            await supervisor.start()
+        assert scope.cancelled_caught
+        status = supervisor.status()
+        assert status.pid is not None and not pid_alive(status.pid)
+        assert (status.state, status.exit_code) == (DaemonState.STOPPED, -signal.SIGKILL)
+    assert kinds(events_path) == ["daemon.started", "daemon.killed", "daemon.stopped"]
+    assert the(events_path, "daemon.killed").fields["reason"] == "start was cancelled"
+
+
 async def test_leaving_the_supervisor_kills_a_running_daemon(
     fake_daemon: Path, events: EventLog, events_path: Path, tmp_path: Path
 ) -> None:

@@ -128,7 +128,10 @@ class ChildRunner(Runner):
                 )
                 pipes.close(go_r, status_w)
                 self._guard = await trio.lowlevel.open_process(
-                    [*PYTHON, "guard", str(self._proc.pid)], stdin=life_r, start_new_session=True
+                    [*PYTHON, "guard", str(self._proc.pid)],
+                    stdin=life_r,
+                    stdout=subprocess.DEVNULL,  # not to hold a pipe our reader waits on
+                    start_new_session=True,
                 )
                 pipes.close(life_r)
             except OSError as e:
