@@ -412,6 +412,18 @@ async def test_a_cancelled_start_leaves_no_daemon_running(
     assert the(events_path, "daemon.killed").fields["reason"] == "start was cancelled"
 
 
+async def test_a_start_cancelled_before_the_spawn_runs_and_records_nothing(
+    fake_daemon: Path, events: EventLog, events_path: Path
+) -> None:
+    async with open_supervisor(child_config(fake_daemon), events) as supervisor:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await supervisor.start()
+        assert supervisor.state is DaemonState.STOPPED
+        assert supervisor.status().pid is None
+    assert not events_path.exists()
+
+
 async def test_leaving_the_supervisor_kills_a_running_daemon(
     fake_daemon: Path, events: EventLog, events_path: Path, tmp_path: Path
 ) -> None:

@@ -353,6 +353,8 @@ class DaemonSupervisor:
         """Kill whatever runs, logging instead of raising (for cleanup paths)."""
         run = self._running()
         if run is None:
+            if self.state in (DaemonState.STARTING, DaemonState.STOPPING):
+                self._settle(f"stopped ({why})")  # e.g. cancelled before anything ran
             return
         self._cause = "kill"
         try:
