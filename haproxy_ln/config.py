@@ -49,6 +49,7 @@ from haproxy_ln.pgwire.dsn import PgTarget
 __all__ = [
     "Config",
     "DaemonConfig",
+    "EtcdConfig",
     "HaConfig",
     "HostPort",
     "KeysConfig",
@@ -381,6 +382,87 @@ class ReplicationConfig(_Section):
 
 def _target(url: str, password: SecretStr | None) -> PgTarget:
     return PgTarget.parse(url).with_password(password.get_secret_value() if password else None)
+
+
+def _pair_error(expected: str, given: str, absent: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "pair",
+        "expected {expected}; {reason}",
+        {"expected": expected, "reason": f"{given} is set but {absent} is not"},
+    )
+
+
+class EtcdConfig(_Section):
+    """[etcd]: the etcd cluster that decides which node of the pair is active."""
+
+    endpoints: list[HostPort] = Field(
+        default_factory=lambda: [HostPort("127.0.0.1", 2379)],
+        min_length=1,
+        max_length=16,
+        description="HOST:PORT of each etcd member; a request that finds one unavailable "
+        "tries the next",
+    )
+    prefix: str = Field(
+        default="/haproxy-ln/default",
+        pattern=r"^(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}){1,8}$",
+        description="etcd key prefix of this pair, the same on both nodes",
+    )
+    request_timeout: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="seconds one etcd request may take, all endpoints tried included",
+    )
+    ca_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="PEM file of the CA that signed etcd's certificates; setting it turns TLS on",
+    )
+    cert_file: str | None = Field(
+        default=None, min_length=1, description="PEM client certificate, for client-cert auth"
+    )
+    key_file: str | None = Field(
+        default=None,
+        min_length=1,
+        validate_default=True,
+        description="PEM private key of cert_file",
+    )
+    user: str | None = Field(default=None, min_length=1, description="etcd user name")
+    password: SecretStr | None = Field(
+        default=None, validate_default=True, description="password of the etcd user"
+    )
+
+    @field_validator("key_file")
+    @classmethod
+    def _client_cert_complete(cls, key_file: str | None, info: ValidationInfo) -> str | None:
+        if "cert_file" not in info.data or "ca_file" not in info.data:  # invalid themselves
+            return key_file
+        cert_file = info.data["cert_file"]
+        if cert_file is None and key_file is not None:
+            raise _pair_error(
+                "cert_file and key_file together, or neither", "key_file", "cert_file"
+            )
+        if cert_file is not None and key_file is None:
+            raise _pair_error(
+                "cert_file and key_file together, or neither", "cert_file", "key_file"
+            )
+        if cert_file is not None and info.data["ca_file"] is None:
+            # a client certificate only means something over TLS, which ca_file turns on
+            raise _pair_error("ca_file with a client certificate", "cert_file", "ca_file")
+        return key_file
+
+    @field_validator("password")
+    @classmethod
+    def _credentials_complete(
+        cls, password: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        if "user" not in info.data:  # invalid itself
+            return password
+        if info.data["user"] is None and password is not None:
+            raise _pair_error("user and password together, or neither", "password", "user")
+        if info.data["user"] is not None and password is None:
+            raise _pair_error("user and password together, or neither", "user", "password")
+        return password
 
 
 # A TOML array of strings; kept as a tuple so the frozen model stays hashable.
@@ -852,6 +934,7 @@ class Config(_Section):
         default_factory=ReplicationConfig, description="the [replication] table"
     )
     daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="the [daemon] table")
+    etcd: EtcdConfig = Field(default_factory=EtcdConfig, description="the [etcd] table")
     keys: KeysConfig = Field(default_factory=KeysConfig, description="the [keys] table")
     ha: HaConfig = Field(default_factory=HaConfig, description="the [ha] table")
 

@@ -59,6 +59,18 @@ class StaleEpoch(SetupError):
         )
 
 
+class CoordError(HaproxyLnError):
+    """etcd refused a request (credentials, permissions, a value we cannot read)."""
+
+
+class CoordUnavailable(CoordError):
+    """No etcd endpoint answered within the request timeout, or none could be reached."""
+
+
+class LeaseLost(CoordError):
+    """The etcd lease has expired or was revoked: nothing attached to it exists any more."""
+
+
 class KeyCustodyError(HaproxyLnError):
     """Keys cannot be opened, materialized or destroyed as configured; never holds secret bytes."""
 

@@ -61,6 +61,13 @@ kill_timeout = 10.0
 probe_interval = 0.5
 probe_timeout = 5.0
 
+[etcd]
+endpoints = [
+    "127.0.0.1:2379",
+]
+prefix = "/haproxy-ln/default"
+request_timeout = 0.5
+
 [keys]
 adapter = "none"
 runtime_dir = "/run/haproxy-ln/keys"
@@ -200,13 +207,15 @@ def test_models_are_frozen() -> None:
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     assert problems_for(tmp_path, 'colour = "blue"\n[node]\nname = "a"\n') == [
-        "colour: unknown key; allowed keys at top level: daemon, ha, keys, node, proxy, replication"
+        "colour: unknown key; allowed keys at top level: "
+        "daemon, etcd, ha, keys, node, proxy, replication"
     ]
 
 
 def test_unknown_section(tmp_path: Path) -> None:
     assert problems_for(tmp_path, '[node]\nname = "a"\n[proxi]\nlisten = "x"\n') == [
-        "proxi: unknown key; allowed keys at top level: daemon, ha, keys, node, proxy, replication"
+        "proxi: unknown key; allowed keys at top level: "
+        "daemon, etcd, ha, keys, node, proxy, replication"
     ]
 
 
@@ -473,6 +482,89 @@ def test_bad_ha_timing(tmp_path: Path, body: str, problem: str) -> None:
     assert ha_problems(tmp_path, body) == [problem]
 
 
+def etcd_problems(tmp_path: Path, body: str) -> list[str]:
+    return problems_for(tmp_path, f'[node]\nname = "a"\n[etcd]\n{body}\n')
+
+
+def test_etcd_section_with_tls_and_auth_loads(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            '[node]\nname = "a"\n[etcd]\n'
+            'endpoints = ["etcd-1.internal:2379", "10.0.0.3:2379", "[::1]:2379"]\n'
+            'prefix = "/haproxy-ln/pair-1"\nrequest_timeout = 0.25\n'
+            'ca_file = "/etc/ca.pem"\ncert_file = "/etc/c.pem"\nkey_file = "/etc/k.pem"\n'
+            'user = "ln"\npassword = "hunter2"\n',
+        )
+    )
+    etcd = config.etcd
+    assert etcd.endpoints == [
+        HostPort("etcd-1.internal", 2379),
+        HostPort("10.0.0.3", 2379),
+        HostPort("::1", 2379),
+    ]
+    assert (etcd.prefix, etcd.request_timeout) == ("/haproxy-ln/pair-1", 0.25)
+    assert etcd.ca_file == "/etc/ca.pem"
+    assert (etcd.cert_file, etcd.key_file) == ("/etc/c.pem", "/etc/k.pem")
+    assert etcd.user == "ln"
+    assert etcd.password is not None and etcd.password.get_secret_value() == "hunter2"
+    assert "hunter2" not in render(config)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("endpoints = []", "etcd.endpoints: got []; expected a value of length at least 1"),
+        (
+            'endpoints = ["127.0.0.1"]',
+            "etcd.endpoints.0: got '127.0.0.1'; expected HOST:PORT with port 1..65535; "
+            "no ':PORT' given",
+        ),
+        (
+            'prefix = "haproxy-ln"',
+            "etcd.prefix: got 'haproxy-ln'; expected a string matching "
+            "^(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}){1,8}$",
+        ),
+        (
+            'prefix = "/haproxy-ln/"',
+            "etcd.prefix: got '/haproxy-ln/'; expected a string matching "
+            "^(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}){1,8}$",
+        ),
+        ("request_timeout = 0", "etcd.request_timeout: got 0; expected a number > 0 and <= 60"),
+        (
+            'ca_file = "/ca.pem"\ncert_file = "/c.pem"',
+            "etcd.key_file: got None; expected cert_file and key_file together, or neither; "
+            "cert_file is set but key_file is not",
+        ),
+        (
+            'ca_file = "/ca.pem"\nkey_file = "/k.pem"',
+            "etcd.key_file: got '/k.pem'; expected cert_file and key_file together, or neither; "
+            "key_file is set but cert_file is not",
+        ),
+        (
+            'cert_file = "/c.pem"\nkey_file = "/k.pem"',
+            "etcd.key_file: got '/k.pem'; expected ca_file with a client certificate; "
+            "cert_file is set but ca_file is not",
+        ),
+        (
+            'user = "ln"',
+            "etcd.password: got <redacted>; expected user and password together, or neither; "
+            "user is set but password is not",
+        ),
+    ],
+)
+def test_bad_etcd_section(tmp_path: Path, body: str, problem: str) -> None:
+    assert etcd_problems(tmp_path, body) == [problem]
+
+
+def test_etcd_password_without_user_is_refused_without_showing_it(tmp_path: Path) -> None:
+    problems = etcd_problems(tmp_path, 'password = "hunter2"')
+    assert problems == [
+        "etcd.password: got <redacted>; expected user and password together, or neither; "
+        "password is set but user is not"
+    ]
+
+
 def test_toml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
     assert problems_for(tmp_path, '[node]\nname = "a"\n[proxy]\nlisten = \n') == [
         "invalid TOML at line 4, column 10: Invalid value"
@@ -605,7 +697,7 @@ def test_cli_check_config_lists_every_problem(tmp_path: Path) -> None:
         "  - proxy.listen: got 'localhost'; expected HOST:PORT with port 1..65535; "
         "no ':PORT' given\n"
         "  - bogus: unknown key; allowed keys at top level: "
-        "daemon, ha, keys, node, proxy, replication\n"
+        "daemon, etcd, ha, keys, node, proxy, replication\n"
     )
 
 
