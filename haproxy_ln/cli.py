@@ -178,6 +178,25 @@ def run_replication(
 
 
 @main.command()
+@click.option(
+    "--config", "config_file", type=CONFIG_FILE, required=True, help="This node's configuration."
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def run(config_file: Path, log_level: str) -> None:
+    """Run this node's agent until SIGTERM: proxy, etcd lease, replication, keys, daemon."""
+    from haproxy_ln.agent.run import run_agent
+
+    config = load_or_exit(config_file)
+    setup_logging(log_level)
+    run_trio(partial(run_agent, config))
+
+
+@main.command()
 @replication_options
 @click.option("--mode", type=click.Choice(["sync", "strict"]), help="On stop: sync stops waiting.")
 def replicate(

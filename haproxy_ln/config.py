@@ -249,6 +249,17 @@ class NodeConfig(_Section):
         pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
         description='this node\'s name in the pair, e.g. "a"',
     )
+    peer: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description='the other node\'s name, e.g. "b" (unset: no peer, this node runs alone)',
+    )
+    event_log: str = Field(
+        default="/var/lib/haproxy-ln/events.jsonl",
+        min_length=1,
+        description="file the agent appends its safety events to (keys, daemon, lease, "
+        "fencing), one JSON line each, for audits and the one-signer checker",
+    )
 
 
 class ProxyConfig(_Section):

@@ -31,6 +31,7 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 DEFAULT_RENDER = """\
 [node]
 name = "a"
+event_log = "/var/lib/haproxy-ln/events.jsonl"
 
 [proxy]
 listen = "127.0.0.1:6432"
@@ -125,7 +126,9 @@ def test_example_loads_with_every_default() -> None:
 def test_example_names_every_key() -> None:
     data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
     assert set(data) == set(Config.model_fields)
-    assert set(data["node"]) == set(NodeConfig.model_fields)
+    # peer's default is "unset", which TOML cannot write: the example shows it commented out.
+    assert set(data["node"]) | {"peer"} == set(NodeConfig.model_fields)
+    assert '# peer = "b"' in EXAMPLE.read_text(encoding="utf-8")
     assert set(data["proxy"]) == set(ProxyConfig.model_fields)
 
 
@@ -423,65 +426,6 @@ def test_all_problems_are_reported_together(tmp_path: Path) -> None:
     ]
 
 
-def ha_problems(tmp_path: Path, body: str) -> list[str]:
-    return problems_for(tmp_path, f'[node]\nname = "a"\n[ha]\n{body}\n')
-
-
-def test_ha_timing_defaults_keepalive_to_a_third_of_the_ttl(tmp_path: Path) -> None:
-    timing = load(write(tmp_path, '[node]\nname = "a"\n[ha]\nlease_ttl = 3\n')).ha.timing()
-    assert (timing.lease_ttl, timing.keepalive_interval) == (3.0, 1.0)
-    assert (timing.safety_margin, timing.degrade_after) == (0.5, 5.0)
-
-
-def test_ha_timing_just_leaving_one_renewal_is_fine(tmp_path: Path) -> None:
-    text = '[node]\nname = "a"\n[ha]\nkeepalive_interval = 1.0\nsafety_margin = 0.99\n'
-    timing = load(write(tmp_path, text)).ha.timing()
-    assert timing.lease_deadline(10.0) == 11.01
-    assert timing.keepalive_interval < timing.lease_ttl - timing.safety_margin
-
-
-HA_MARGIN_FIX = (
-    "a leader must be able to renew its lease at least once before it fences itself: "
-    "lower safety_margin or keepalive_interval, or raise lease_ttl"
-)
-
-
-@pytest.mark.parametrize(
-    ("body", "problem"),
-    [
-        (
-            "lease_ttl = 2.5",
-            "ha.lease_ttl: got 2.5; expected a whole number of seconds >= 1 and <= 300; "
-            "etcd grants leases in whole seconds",
-        ),
-        ("lease_ttl = 0", "ha.lease_ttl: got 0; expected a number >= 1 and <= 300"),
-        ('lease_ttl = "2s"', "ha.lease_ttl: got '2s'; expected a number >= 1 and <= 300"),
-        ("safety_margin = 0", "ha.safety_margin: got 0; expected a number > 0"),
-        ("keepalive_interval = -1", "ha.keepalive_interval: got -1; expected a number > 0"),
-        ("degrade_after = 0", "ha.degrade_after: got 0; expected a number > 0 and <= 3600"),
-        (
-            "keepalive_interval = 2.0",
-            "ha.keepalive_interval: got 2.0; expected a number of seconds below lease_ttl "
-            "(2 s); the lease would expire between keepalives: lower keepalive_interval "
-            "or raise lease_ttl",
-        ),
-        (
-            "keepalive_interval = 1.5",  # the default margin no longer fits
-            "ha.safety_margin: got 0.5; expected a number of seconds below lease_ttl - "
-            f"keepalive_interval (2 s - 1.5 s = 0.5 s); {HA_MARGIN_FIX}",
-        ),
-        (
-            "lease_ttl = 1\nsafety_margin = 0.7",  # the implied keepalive no longer fits
-            "ha.safety_margin: got 0.7; expected a number of seconds below lease_ttl - "
-            "keepalive_interval (1 s - 0.333 s (unset: lease_ttl / 3) = 0.667 s); "
-            f"{HA_MARGIN_FIX}",
-        ),
-    ],
-)
-def test_bad_ha_timing(tmp_path: Path, body: str, problem: str) -> None:
-    assert ha_problems(tmp_path, body) == [problem]
-
-
 def etcd_problems(tmp_path: Path, body: str) -> list[str]:
     return problems_for(tmp_path, f'[node]\nname = "a"\n[etcd]\n{body}\n')
 
@@ -563,6 +507,65 @@ def test_etcd_password_without_user_is_refused_without_showing_it(tmp_path: Path
         "etcd.password: got <redacted>; expected user and password together, or neither; "
         "password is set but user is not"
     ]
+
+
+def ha_problems(tmp_path: Path, body: str) -> list[str]:
+    return problems_for(tmp_path, f'[node]\nname = "a"\n[ha]\n{body}\n')
+
+
+def test_ha_timing_defaults_keepalive_to_a_third_of_the_ttl(tmp_path: Path) -> None:
+    timing = load(write(tmp_path, '[node]\nname = "a"\n[ha]\nlease_ttl = 3\n')).ha.timing()
+    assert (timing.lease_ttl, timing.keepalive_interval) == (3.0, 1.0)
+    assert (timing.safety_margin, timing.degrade_after) == (0.5, 5.0)
+
+
+def test_ha_timing_just_leaving_one_renewal_is_fine(tmp_path: Path) -> None:
+    text = '[node]\nname = "a"\n[ha]\nkeepalive_interval = 1.0\nsafety_margin = 0.99\n'
+    timing = load(write(tmp_path, text)).ha.timing()
+    assert timing.lease_deadline(10.0) == 11.01
+    assert timing.keepalive_interval < timing.lease_ttl - timing.safety_margin
+
+
+HA_MARGIN_FIX = (
+    "a leader must be able to renew its lease at least once before it fences itself: "
+    "lower safety_margin or keepalive_interval, or raise lease_ttl"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (
+            "lease_ttl = 2.5",
+            "ha.lease_ttl: got 2.5; expected a whole number of seconds >= 1 and <= 300; "
+            "etcd grants leases in whole seconds",
+        ),
+        ("lease_ttl = 0", "ha.lease_ttl: got 0; expected a number >= 1 and <= 300"),
+        ('lease_ttl = "2s"', "ha.lease_ttl: got '2s'; expected a number >= 1 and <= 300"),
+        ("safety_margin = 0", "ha.safety_margin: got 0; expected a number > 0"),
+        ("keepalive_interval = -1", "ha.keepalive_interval: got -1; expected a number > 0"),
+        ("degrade_after = 0", "ha.degrade_after: got 0; expected a number > 0 and <= 3600"),
+        (
+            "keepalive_interval = 2.0",
+            "ha.keepalive_interval: got 2.0; expected a number of seconds below lease_ttl "
+            "(2 s); the lease would expire between keepalives: lower keepalive_interval "
+            "or raise lease_ttl",
+        ),
+        (
+            "keepalive_interval = 1.5",  # the default margin no longer fits
+            "ha.safety_margin: got 0.5; expected a number of seconds below lease_ttl - "
+            f"keepalive_interval (2 s - 1.5 s = 0.5 s); {HA_MARGIN_FIX}",
+        ),
+        (
+            "lease_ttl = 1\nsafety_margin = 0.7",  # the implied keepalive no longer fits
+            "ha.safety_margin: got 0.7; expected a number of seconds below lease_ttl - "
+            "keepalive_interval (1 s - 0.333 s (unset: lease_ttl / 3) = 0.667 s); "
+            f"{HA_MARGIN_FIX}",
+        ),
+    ],
+)
+def test_bad_ha_timing(tmp_path: Path, body: str, problem: str) -> None:
+    assert ha_problems(tmp_path, body) == [problem]
 
 
 def test_toml_syntax_error_names_line_and_column(tmp_path: Path) -> None:

@@ -11,8 +11,14 @@ stream from the local PostgreSQL breaks until the replica has everything
 up to the WAL end it finds on reconnecting, because a restarted PostgreSQL
 may show commits that never reached the replica (invariant 5). Clients
 admitted before the break are not at risk: their backends did not restart.
+
+While open, the gate also carries the leader's self-fence deadline
+(`expires_at`, monotonic seconds): past it no client is admitted, even if
+the HA loop has not run yet (after the process was paused, say), so the
+gate never outlives the lease that justified opening it (invariant 1).
 """
 
+import time
 from typing import Protocol
 
 from haproxy_ln.pgwire import messages
@@ -31,11 +37,18 @@ class Gate:
         self.active_node: str | None = None
         self._members: set[Terminable] = set()
         self._holds: dict[str, str] = {}
+        self.expires_at: float | None = None
+
+    @property
+    def opened(self) -> bool:
+        """Whether the HA loop has opened the gate (holds and expiry aside)."""
+        return self._open
 
     @property
     def is_open(self) -> bool:
         """Whether a client arriving now is admitted."""
-        return self._open and not self._holds
+        expired = self.expires_at is not None and time.monotonic() >= self.expires_at
+        return self._open and not self._holds and not expired
 
     def hold(self, key: str, reason: str) -> None:
         """Turn new clients away for `reason` until `release(key)`."""
@@ -67,7 +80,12 @@ class Gate:
         )
 
     def _describe(self, what: str) -> str:
-        reason = self.reason if not self._open else "; ".join(self._holds.values())
+        if not self._open:
+            reason = self.reason
+        elif self._holds:
+            reason = "; ".join(self._holds.values())
+        else:
+            reason = "the lease that made this node active could not be renewed in time"
         text = f"{what}: {reason}"
         if self.active_node:
             text += f"; the active node is {self.active_node}"

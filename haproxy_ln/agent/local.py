@@ -1,0 +1,148 @@
+"""The agent's control connection to its local PostgreSQL.
+
+How this works: one asyncpg connection (through the store bridge), opened
+on first use and again after it breaks, with synchronous_commit = local:
+the agent's own writes (the fence, the primary's bootstrap, ALTER SYSTEM)
+must never wait for a replicator that may not be running. `facts` reads
+what the HA loop needs; when the database cannot be reached the facts say
+"unknown" (no fence, not synchronous) and the actions that need it fail,
+to be decided again by the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, TypeVar
+
+import asyncpg
+
+from haproxy_ln import ha
+from haproxy_ln.config import ReplicationConfig
+from haproxy_ln.errors import ReplicationError
+from haproxy_ln.store import bridge, primary
+from haproxy_ln.store.apply import raise_fence
+from haproxy_ln.store.schema import SCHEMA
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_FACTS_SQL = f"""
+SELECT (SELECT epoch FROM {SCHEMA}.fence) AS epoch,
+       (SELECT node FROM {SCHEMA}.fence) AS node
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFacts:
+    reachable: bool
+    fence: ha.Fence | None
+    sync_standby_names_set: bool
+    sync_state: ha.SyncState | None
+
+
+UNREACHABLE = LocalFacts(False, None, False, None)
+
+
+class LocalStore:
+    """The local PostgreSQL as the HA loop sees and changes it."""
+
+    def __init__(self, config: ReplicationConfig) -> None:
+        self.config = config
+        self._conn: asyncpg.Connection | None = None
+        self._problem: str | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        """Raises ReplicationError (and logs once) when the database is unreachable."""
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        try:
+            self._conn = await bridge.connect(
+                self.config.source_target(),
+                timeout=self.config.connect_timeout,
+                settings={"synchronous_commit": "local"},
+            )
+        except ReplicationError as e:
+            if str(e) != self._problem:
+                log.warning("the local PostgreSQL is unreachable: %s", e)
+                self._problem = str(e)
+            raise
+        if self._problem is not None:
+            log.info("the local PostgreSQL is reachable again")
+            self._problem = None
+        return self._conn
+
+    async def _call(
+        self,
+        fn: Callable[Concatenate[asyncpg.Connection, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        conn = await self._connection()
+        try:
+            return await bridge.call(fn, conn, *args, **kwargs)
+        except (OSError, *bridge.CONNECTION_LOST) as e:
+            await self.close()
+            raise ReplicationError(f"the local PostgreSQL connection broke: {e}") from None
+        except asyncpg.PostgresError as e:
+            raise ReplicationError(f"the local PostgreSQL refused: {e}") from None
+
+    async def facts(self) -> LocalFacts:
+        try:
+            return await self._call(_read_facts, self.config.sync_name)
+        except ReplicationError:
+            return UNREACHABLE
+
+    async def raise_fence(self, epoch: int, node: str) -> None:
+        """Raise the fence to `epoch`. Raises StaleEpoch if it is above already."""
+        await self._call(_raise_fence, epoch, node)
+
+    async def prepare_primary(self) -> None:
+        """Move sequences forward, then bootstrap capture. Raises SetupError."""
+        await self._call(_prepare_primary)
+
+    async def set_sync_standby(self, enabled: bool) -> None:
+        if enabled:
+            await self._call(primary.set_sync, self.config.sync_name)
+        else:
+            await self._call(primary.clear_sync)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await bridge.close(conn)
+
+
+async def _read_facts(conn: asyncpg.Connection, sync_name: str) -> LocalFacts:
+    fence = None
+    if await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.fence") is not None:
+        row = await conn.fetchrow(_FACTS_SQL)
+        if row is not None and row["epoch"] is not None:
+            fence = ha.Fence(int(row["epoch"]), str(row["node"]))
+    names = await conn.fetchval("SELECT current_setting('synchronous_standby_names')")
+    state = await primary.sync_state(conn, sync_name)
+    return LocalFacts(
+        reachable=True,
+        fence=fence,
+        sync_standby_names_set=sync_name in _standby_names(names),
+        sync_state=None if state is None else ha.SyncState(state),
+    )
+
+
+def _standby_names(setting: str) -> set[str]:
+    """The names in a synchronous_standby_names value like `"a"` or `FIRST 1 (a, b)`."""
+    inner = setting.split("(", 1)[1].rsplit(")", 1)[0] if "(" in setting else setting
+    return {name.strip().strip('"') for name in inner.split(",") if name.strip()}
+
+
+async def _raise_fence(conn: asyncpg.Connection, epoch: int, node: str) -> None:
+    await primary.ensure_store(conn)
+    async with conn.transaction():
+        await raise_fence(conn, epoch, node)
+
+
+async def _prepare_primary(conn: asyncpg.Connection) -> None:
+    await primary.advance_sequences(conn)
+    await primary.bootstrap(conn)

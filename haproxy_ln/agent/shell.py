@@ -1,0 +1,364 @@
+"""The HA shell: observe the world, call the pure `ha.step`, carry out its actions.
+
+How this works: `HaShell.run` loops: read one `Snapshot` (etcd's keys, the
+local PostgreSQL's fence and sync settings, the daemon, the keys, the gate,
+this node's replicator), call `step`, log the reason when it changes, carry
+out the actions in order, then wait until `decision.wake_at` or until a
+fact changes (etcd watch, lease renewal, daemon state). Every action is
+idempotent and its outcome shows in the next snapshot, so a failed action
+is only logged: the next step decides it again.
+
+Time is `time.monotonic()` throughout: the same clock as the event log and
+the gate's expiry, so the self-fence deadline means the same everywhere.
+Actions run under that deadline while this node leads: an action that
+hangs (an unreachable database, say) is cut off so that the step that
+fences the node runs on time. Slow actions (starting or stopping the
+daemon) run in the background; their progress shows in the snapshot.
+
+The lease is renewed by `keepalive`, a task of its own, every
+keepalive_interval; it records when it SENT each keepalive that etcd
+acknowledged, which is what the deadline counts from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import trio
+
+from haproxy_ln import ha
+from haproxy_ln.agent.local import LocalStore
+from haproxy_ln.config import Config
+from haproxy_ln.coord import Coord
+from haproxy_ln.coord.model import CoordView, Lease
+from haproxy_ln.daemon.supervisor import DaemonState as SupervisorState
+from haproxy_ln.daemon.supervisor import DaemonSupervisor
+from haproxy_ln.errors import (
+    CoordError,
+    CoordUnavailable,
+    DaemonFailed,
+    HaproxyLnError,
+    LeaseLost,
+    SetupError,
+)
+from haproxy_ln.events import EventLog
+from haproxy_ln.keys import KeyCustody
+from haproxy_ln.proxy.gate import Gate
+from haproxy_ln.replicator.service import Replicator
+from haproxy_ln.store import bridge
+
+log = logging.getLogger(__name__)
+
+ERROR_PAUSE = 0.2  # seconds before stepping again after an action failed
+
+_DAEMON_STATES = {
+    SupervisorState.STOPPED: ha.DaemonState.STOPPED,
+    SupervisorState.STARTING: ha.DaemonState.STARTING,
+    SupervisorState.READY: ha.DaemonState.READY,
+    SupervisorState.STOPPING: ha.DaemonState.STARTING,  # still running, not ready
+    SupervisorState.FAILED: ha.DaemonState.FAILED,
+}
+
+
+class HaShell:
+    """One node's HA loop and the services it drives; see the module docstring."""
+
+    def __init__(
+        self,
+        config: Config,
+        coord: Coord,
+        local: LocalStore,
+        gate: Gate,
+        daemon: DaemonSupervisor,
+        keys: KeyCustody,
+        events: EventLog,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.config = config
+        self.node = config.node.name
+        self.coord = coord
+        self.local = local
+        self.gate = gate
+        self.daemon = daemon
+        self.keys = keys
+        self.events = events
+        self.timing = config.ha.timing()
+        self.mode = ha.SyncMode(config.replication.mode)
+        self._nursery = nursery
+        self.state = ha.HaState()
+        self.reason = "starting"
+        self.lease: Lease | None = None
+        self.last_keepalive_sent: float | None = None
+        self.etcd_reachable = False
+        self.view = CoordView(None, None, None, 0)
+        self.primary_epoch: int | None = None
+        self.replicator: Replicator | None = None
+        self._replicator_scope: trio.CancelScope | None = None
+        self._replica_down_since: float | None = None
+        self._changed = trio.Event()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make the loop step now (a fact changed)."""
+        self._changed.set()
+
+    async def run(self) -> None:
+        """Step until cancelled."""
+        while True:
+            snapshot = await self.observe()
+            now = time.monotonic()
+            decision = ha.step(self.state, snapshot, now, timing=self.timing, mode=self.mode)
+            if decision.role is not self.state.role:
+                self._record_role(decision.state, now)
+            if decision.reason != self.reason or decision.role is not self.state.role:
+                log.info("%s: %s", decision.role.value, decision.reason)
+            self.state, self.reason = decision.state, decision.reason
+            failed = False
+            for action in decision.actions:
+                failed |= not await self._carry_out(action, snapshot)
+            self._set_gate_expiry(snapshot)
+            if decision.actions and not failed:
+                continue  # their outcomes are the next snapshot's facts
+            wake_at = decision.wake_at if not failed else min(decision.wake_at, now + ERROR_PAUSE)
+            with trio.move_on_after(max(0.0, wake_at - time.monotonic())):
+                await self._changed.wait()
+            self._changed = trio.Event()
+
+    def _record_role(self, state: ha.HaState, now: float) -> None:
+        """An event per role change; a self-fence says why and against which deadline,
+        so a checker can prove it came before the lease could expire in etcd."""
+        self.events.emit(
+            f"ha.{state.role.value}",
+            epoch=state.epoch,
+            cause=state.fence_cause,
+            step_time=now,
+            deadline=self._deadline(),
+            last_keepalive_sent=self.last_keepalive_sent,
+        )
+
+    def _deadline(self) -> float | None:
+        if self.lease is None or self.last_keepalive_sent is None:
+            return None
+        return self.timing.lease_deadline(self.last_keepalive_sent)
+
+    def _set_gate_expiry(self, snapshot: ha.Snapshot) -> None:
+        # Only a leader opens the gate; it must not outlive the lease (see proxy.gate).
+        self.gate.expires_at = self._deadline() if self.gate.opened else None
+
+    async def keepalive(self) -> None:
+        """Hold a lease: grant one when there is none, renew it every keepalive_interval."""
+        ttl = math.ceil(self.timing.lease_ttl)
+        while True:
+            sent = time.monotonic()
+            try:
+                if self.lease is None:
+                    self.lease = await self.coord.grant_lease(ttl)
+                    self.events.emit("lease.granted", lease=self.lease.id, ttl=self.lease.ttl)
+                    self.wake()
+                else:
+                    await self.coord.keepalive(self.lease)
+                self.last_keepalive_sent = sent
+                self._set_reachable(True)
+            except LeaseLost:
+                self.events.emit("lease.lost", lease=self.lease.id if self.lease else None)
+                self.lease = self.last_keepalive_sent = None
+                self.wake()
+                continue
+            except CoordUnavailable as e:
+                log.warning("etcd: lease keepalive failed: %s", e)
+                self._set_reachable(False)
+            await trio.sleep(max(0.0, sent + self.timing.keepalive_interval - time.monotonic()))
+
+    async def watch(self) -> None:
+        """Wake the loop whenever one of the pair's etcd keys changes."""
+        while True:
+            try:
+                if await self.coord.wait_change(self.view.revision, timeout=5.0):
+                    self.wake()
+            except CoordUnavailable:
+                await trio.sleep(self.timing.keepalive_interval)
+            except CoordError as e:
+                log.error("etcd watch: %s", e)
+                await trio.sleep(self.timing.keepalive_interval)
+
+    def _set_reachable(self, reachable: bool) -> None:
+        if reachable != self.etcd_reachable:
+            self.etcd_reachable = reachable
+            self.wake()
+
+    # --- observing --------------------------------------------------------------------------
+
+    async def observe(self) -> ha.Snapshot:
+        """The facts as of now; etcd's keep their last value while etcd is unreachable."""
+        try:
+            self.view = await self.coord.view()
+            self._set_reachable(True)
+        except CoordUnavailable as e:
+            log.debug("etcd: reading the keys failed: %s", e)
+            self._set_reachable(False)
+        local = await self.local.facts()
+        view, lease = self.view, self.lease
+        return ha.Snapshot(
+            node=self.node,
+            peer=self.config.node.peer,
+            etcd_reachable=self.etcd_reachable,
+            lease=None if lease is None else lease.id,
+            last_keepalive_sent=self.last_keepalive_sent,
+            leader=None
+            if view.leader is None
+            else ha.LeaderKey(view.leader.node, view.leader.epoch, view.leader.lease_id),
+            sync_record=None
+            if view.sync is None
+            else ha.SyncRecord(view.sync.epoch, view.sync.node),
+            successor=None
+            if view.successor is None
+            else ha.Successor(view.successor.node, view.successor.after_epoch),
+            store_fence=local.fence,
+            primary_epoch=self.primary_epoch,
+            replication=self._replica_facts(local.sync_state),
+            sync_standby_names_set=local.sync_standby_names_set,
+            daemon=_DAEMON_STATES[self.daemon.state],
+            keys_present=self.keys.held,
+            gate_open=self.gate.opened,
+        )
+
+    def _replica_facts(self, sync_state: ha.SyncState | None) -> ha.ReplicaFacts | None:
+        replicator = self.replicator
+        if replicator is None:
+            return None
+        status = replicator.status
+        if status.streaming:
+            self._replica_down_since = None
+        elif self._replica_down_since is None:
+            self._replica_down_since = time.monotonic()
+        return ha.ReplicaFacts(
+            epoch=replicator.epoch,
+            unreachable_since=self._replica_down_since,
+            caught_up=status.streaming and status.caught_up,
+            sync_state=sync_state,
+        )
+
+    # --- acting -----------------------------------------------------------------------------
+
+    async def _carry_out(self, action: ha.Action, snapshot: ha.Snapshot) -> bool:
+        """Do `action`, cut off at the self-fence deadline; False (logged) if it failed."""
+        deadline = self._deadline()
+        budget = math.inf if deadline is None else deadline - time.monotonic()
+        with trio.move_on_after(max(0.0, budget)) as scope:
+            try:
+                await self._do(action, snapshot)
+                return True
+            except (HaproxyLnError, OSError, *bridge.CONNECTION_LOST) as e:
+                log.warning("%s failed: %s", type(action).__name__, e)
+                return False
+        if scope.cancelled_caught:
+            log.warning("%s cut off at the self-fence deadline", type(action).__name__)
+        return False
+
+    async def _do(self, action: ha.Action, snapshot: ha.Snapshot) -> None:
+        match action:
+            case ha.KillDaemon():
+                await self.daemon.kill("self-fence or lost leadership")
+            case ha.DestroyKeys():
+                await self.keys.destroy()
+            case ha.CloseGate(reason=reason, leader=leader):
+                self.gate.close(reason, leader)
+            case ha.OpenGate():
+                self.gate.open()
+            case ha.AcquireLeader(lease=lease):
+                if self.lease is not None and self.lease.id == lease:
+                    epoch = await self.coord.campaign(self.lease)
+                    if epoch is not None:
+                        self.events.emit("leader.acquired", epoch=epoch)
+            case ha.RaiseFence(epoch=epoch):
+                await self.local.raise_fence(epoch, self.node)
+                self.events.emit("fence.raised", epoch=epoch)
+            case ha.PreparePrimary(epoch=epoch):
+                await self.local.prepare_primary()
+                self.primary_epoch = epoch
+            case ha.SetSyncStandby(enabled=enabled):
+                await self.local.set_sync_standby(enabled)
+            case ha.WriteSyncRecord(epoch=epoch, node=node):
+                if not await self.coord.write_sync(epoch, node):
+                    raise CoordError(f"the sync record was not written: epoch {epoch} is not ours")
+            case ha.StartReplicating(epoch=epoch):
+                self._start_replicating(epoch)
+            case ha.StopReplicating():
+                self.stop_replicating()
+            case ha.MaterializeKeys():
+                await self.keys.materialize()
+            case ha.StartDaemon():
+                self._nursery.start_soon(self._start_daemon)
+            case ha.StopDaemon():
+                self._nursery.start_soon(self._stop_daemon)
+            case ha.HandOver(successor=successor, epoch=epoch):
+                await self.coord.resign(epoch, successor)
+            case ha.Resign(epoch=epoch):
+                await self.coord.resign(epoch, None)
+            case ha.RevokeLease(lease=lease):
+                if self.lease is not None and self.lease.id == lease:
+                    await self.coord.revoke(self.lease)
+                    self.lease = self.last_keepalive_sent = None
+            case ha.DropSwitchoverRequest(reason=reason):
+                log.warning("switchover request dropped: %s", reason)
+            case _:
+                raise AssertionError(f"unhandled action {action!r}")
+
+    async def _start_daemon(self) -> None:
+        # lnd is ready only once unlocked, so the unlock (which waits for lnd to
+        # ask for its password; a no-op for file custody) runs beside the start.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._unlock)
+            try:
+                await self.daemon.start()
+            except DaemonFailed as e:
+                log.error("the daemon did not start: %s", e)
+                nursery.cancel_scope.cancel()
+        self.wake()
+
+    async def _unlock(self) -> None:
+        try:
+            await self.keys.unlock()
+        except (HaproxyLnError, OSError) as e:
+            log.error("unlocking the daemon's keys: %s", e)
+
+    async def _stop_daemon(self) -> None:
+        try:
+            await self.daemon.stop()
+        except DaemonFailed as e:
+            log.error("stopping the daemon: %s", e)
+        self.wake()
+
+    def _start_replicating(self, epoch: int) -> None:
+        if self.replicator is not None and self.replicator.epoch == epoch:
+            return
+        self.stop_replicating()
+        replicator = Replicator(
+            self.config.replication, node=self.node, epoch=epoch, gate=self.gate
+        )
+        scope = trio.CancelScope()
+        self.replicator, self._replicator_scope = replicator, scope
+        self._replica_down_since = None
+        self._nursery.start_soon(self._replicate, replicator, scope)
+
+    def stop_replicating(self) -> None:
+        """Stop this node's replicator, if it runs."""
+        if self._replicator_scope is not None:
+            self._replicator_scope.cancel()
+        self.replicator = self._replicator_scope = None
+
+    async def _replicate(self, replicator: Replicator, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await replicator.run()
+            except* SetupError as group:
+                # Final for this epoch (a newer leader fenced the peer's store, or an
+                # operator must act): the replica stays unreachable in the snapshot.
+                for error in group.exceptions:
+                    replicator.status.last_error = str(error)
+                    log.error("replication stopped: %s", error)
+                replicator.status.streaming = False
+                await trio.sleep_forever()
