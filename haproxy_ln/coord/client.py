@@ -26,6 +26,7 @@ the operations, which are written to make a second try safe.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -164,6 +165,7 @@ class EtcdClient:
         self._config = config
         self._tls = tls
         self._members: dict[HostPort, Member] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # channels being closed
         self._current = 0
         self.timeout = config.request_timeout
 
@@ -213,6 +215,10 @@ class EtcdClient:
             member = await self.request(operation, ready)  # connected and authenticated
             try:
                 return await bridge.call(fn, member)
+            except (asyncio.CancelledError, grpc.aio.UsageError):  # channel closed, see _attempt
+                raise CoordUnavailable(
+                    f"etcd at {member.endpoint} broke off {operation}: the connection was closed"
+                ) from None
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as e:
                 if _stale_token(e) and not fresh_token:
                     member.set_token(None)  # `request` authenticates again
@@ -244,6 +250,10 @@ class EtcdClient:
                     raise self._error("authentication", endpoint, e) from None
             try:
                 return await bridge.call(fn, member, max(deadline - trio.current_time(), 0.001))
+            except (asyncio.CancelledError, grpc.aio.UsageError):
+                # Not our cancellation (trio's arrives as trio.Cancelled): another task
+                # closed this endpoint's channel (`_discard`) under or before the request.
+                raise _Unavailable("the connection was closed", stale=False) from None
             except (EtcdError, grpc.aio.AioRpcError, TimeoutError) as e:
                 if _stale_token(e) and member.token is not None and not fresh_token:
                     continue  # tokens expire (etcd --auth-token-ttl): get a new one, once
@@ -290,22 +300,33 @@ class EtcdClient:
         return CoordError(f"etcd at {endpoint} refused {operation}: {name}: {message}")
 
     async def _discard(self, endpoint: HostPort) -> None:
-        """Close `endpoint`'s channel: its connection may be dead without knowing it."""
+        """Drop `endpoint`'s channel: its connection may be dead without knowing it.
+
+        It is closed in the background, so the request that gave up on it
+        ends on time; calls still on it end with "the connection was closed".
+        """
         member = self._members.pop(endpoint, None)
         if member is not None:
-            await _close(member)
+            with trio.CancelScope(shield=True):  # returns at once
+                await bridge.call(self._close_soon, member)
+
+    async def _close_soon(self, member: Member) -> None:
+        """asyncio side: start closing `member`'s channel and return."""
+        task = asyncio.get_running_loop().create_task(_close_channel(member))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         """Close every channel, even when the caller is being cancelled."""
         members, self._members = list(self._members.values()), {}
-        for member in members:
-            await _close(member)
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            for member in members:
+                await bridge.call(self._close_soon, member)
+            if self._closing:
+                await bridge.call(asyncio.wait, set(self._closing))
 
 
-async def _close(member: Member) -> None:
-    with (
-        trio.CancelScope(shield=True),
-        trio.move_on_after(_CLOSE_TIMEOUT),
-        contextlib.suppress(grpc.aio.UsageError, RuntimeError),
-    ):
-        await bridge.call(member.channel.close, None)
+async def _close_channel(member: Member) -> None:
+    """asyncio side: close `member`'s channel, cancelling the calls still on it."""
+    with contextlib.suppress(grpc.aio.UsageError, RuntimeError):
+        await member.channel.close(None)
