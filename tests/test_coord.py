@@ -19,6 +19,13 @@ from faultproxy import FaultProxy
 
 from haproxy_ln.config import EtcdConfig
 from haproxy_ln.coord import Coord, Lease, Successor, SyncRecord, open_coord
+from haproxy_ln.coord.model import (
+    Keys,
+    decode_successor,
+    decode_sync,
+    encode_successor,
+    encode_sync,
+)
 from haproxy_ln.errors import CoordError, CoordUnavailable, LeaseLost
 from haproxy_ln.local import EtcdServer
 from haproxy_ln.local.ports import free_port
@@ -252,6 +259,52 @@ async def test_a_successor_that_never_comes_blocks_the_others_only_until_it_expi
         assert (await c.view()).successor is None
         assert trio.current_time() - handed_over >= 1.5
         assert await a.campaign(lease_a) is not None
+
+
+# --- values ------------------------------------------------------------------------------
+
+
+def test_records_read_back_as_written() -> None:
+    keys = Keys("/p")
+    for record in (SyncRecord(epoch=7, node="b"), SyncRecord(epoch=7, node=None)):
+        assert decode_sync(keys.sync, encode_sync(record)) == record
+    handover = Successor(node="b", after_epoch=9)
+    assert decode_successor(keys.successor, encode_successor(handover)) == handover
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"epoch": 7}',
+        b'{"epoch": 7, "node": "b", "extra": 1}',
+        b'{"epoch": true, "node": "b"}',
+        b'{"epoch": "7", "node": "b"}',
+        b'{"epoch": 0, "node": "b"}',
+        b'{"epoch": 7, "node": 5}',
+        b'{"epoch": 7, "node": ""}',
+    ],
+)
+def test_a_sync_record_haproxy_ln_could_not_have_written_is_refused(value: bytes) -> None:
+    with pytest.raises(CoordError, match="etcd key /p/sync "):
+        decode_sync(Keys("/p").sync, value)
+
+
+def test_a_successor_record_without_a_node_is_refused() -> None:
+    with pytest.raises(CoordError, match="has no node name"):
+        decode_successor(Keys("/p").successor, b'{"after_epoch": 3, "node": null}')
+
+
+async def test_a_foreign_value_under_the_prefix_is_reported_not_misread(
+    config: EtcdConfig, shared_etcd: EtcdServer
+) -> None:
+    etcdctl(shared_etcd, "put", f"{config.prefix}/sync", "hello")
+    async with open_coord(config, "a") as a:
+        with pytest.raises(CoordError, match=f"etcd key {config.prefix}/sync is not JSON"):
+            await a.view()
+        with pytest.raises(CoordError, match="is not JSON"):
+            await a.read_sync()
 
 
 # --- waiting for a change ------------------------------------------------------------------

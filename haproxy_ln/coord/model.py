@@ -30,6 +30,7 @@ __all__ = [
     "Lease",
     "Successor",
     "SyncRecord",
+    "decode_leader",
     "decode_successor",
     "decode_sync",
     "encode_successor",
@@ -119,40 +120,50 @@ def encode_successor(successor: Successor) -> bytes:
     ).encode()
 
 
-def _object(key: bytes, value: bytes, fields: dict[str, tuple[type, ...]]) -> dict[str, object]:
-    """`value` as a JSON object with exactly `fields`, each of one of its types.
-
-    Raises CoordError naming the key, as nothing but haproxy-ln should write it.
-    """
-    problem = None
+def _object(key: bytes, value: bytes, fields: set[str]) -> dict[str, object]:
+    """`value` as a JSON object with exactly `fields`; raises CoordError naming the key."""
     try:
         data = json.loads(value)
     except (ValueError, UnicodeDecodeError):
-        problem = "is not JSON"
-    else:
-        if not isinstance(data, dict) or set(data) != set(fields):
-            problem = f"is not a JSON object with exactly the keys {', '.join(sorted(fields))}"
-        else:
-            for name, types in fields.items():
-                # bool is an int to isinstance, but never a valid epoch
-                if isinstance(data[name], bool) or not isinstance(data[name], types):
-                    problem = f"has a {name} of the wrong type"
-                    break
-    if problem is not None:
-        raise CoordError(f"etcd key {key.decode(errors='replace')} {problem}: {value[:200]!r}")
-    return data  # type: ignore[no-any-return]
+        raise _foreign(key, value, "is not JSON") from None
+    if not isinstance(data, dict) or set(data) != fields:
+        raise _foreign(key, value, f"is not an object with the keys {', '.join(sorted(fields))}")
+    return data
+
+
+def _epoch(key: bytes, value: bytes, data: dict[str, object], name: str) -> int:
+    epoch = data[name]
+    # bool is an int to isinstance, but never an epoch
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise _foreign(key, value, f"has no revision as {name}")
+    return epoch
+
+
+def _node(key: bytes, value: bytes, data: dict[str, object]) -> str:
+    node = data["node"]
+    if not isinstance(node, str) or not node:
+        raise _foreign(key, value, "has no node name")
+    return node
+
+
+def _foreign(key: bytes, value: bytes, problem: str) -> CoordError:
+    """Nothing but haproxy-ln should write under its prefix: say which key holds what."""
+    return CoordError(f"etcd key {key.decode(errors='replace')} {problem}: {value[:200]!r}")
 
 
 def decode_sync(key: bytes, value: bytes) -> SyncRecord:
     """Parse a sync record; raises CoordError if haproxy-ln could not have written it."""
-    data = _object(key, value, {"epoch": (int,), "node": (str, type(None))})
-    return SyncRecord(epoch=data["epoch"], node=data["node"])  # type: ignore[arg-type]
+    data = _object(key, value, {"epoch", "node"})
+    node = None if data["node"] is None else _node(key, value, data)
+    return SyncRecord(epoch=_epoch(key, value, data, "epoch"), node=node)
 
 
 def decode_successor(key: bytes, value: bytes) -> Successor:
     """Parse a successor record; raises CoordError if haproxy-ln could not have written it."""
-    data = _object(key, value, {"after_epoch": (int,), "node": (str,)})
-    return Successor(node=data["node"], after_epoch=data["after_epoch"])  # type: ignore[arg-type]
+    data = _object(key, value, {"after_epoch", "node"})
+    return Successor(
+        node=_node(key, value, data), after_epoch=_epoch(key, value, data, "after_epoch")
+    )
 
 
 def decode_leader(key: bytes, value: bytes, create_revision: int, lease_id: int) -> Leader:
@@ -162,5 +173,5 @@ def decode_leader(key: bytes, value: bytes, create_revision: int, lease_id: int)
     except UnicodeDecodeError:
         node = ""
     if not node:
-        raise CoordError(f"etcd key {key.decode(errors='replace')} holds no node name: {value!r}")
+        raise _foreign(key, value, "holds no node name")
     return Leader(node=node, epoch=create_revision, lease_id=lease_id)
