@@ -349,7 +349,9 @@ async def open_coord(config: EtcdConfig, node: str) -> AsyncIterator[Coord]:
     Connects lazily: etcd being down now is reported by the first request.
     Uses the enclosing trio-asyncio bridge (`store.bridge.open_bridge`) or
     opens one: gRPC's asyncio support must not run in two loops at once.
-    Raises CoordError if a configured TLS file cannot be read.
+    (A bridge opened here is a nursery, so an exception leaving the block
+    then arrives wrapped in an ExceptionGroup.) Raises CoordError if a
+    configured TLS file cannot be read.
     """
     tls = await read_tls(config)
     async with AsyncExitStack() as stack:
