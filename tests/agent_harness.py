@@ -218,10 +218,15 @@ def holding_intervals(events: list[Event], now: float) -> dict[str, list[tuple[f
     return out
 
 
-def check_one_signer(*nodes: Node) -> None:
-    """Fail if two nodes held the keys, or ran the daemon, at overlapping times."""
+def check_one_signer(*nodes: Node, outside: tuple[float, float] | None = None) -> None:
+    """Fail if two nodes held the keys, or ran the daemon, at overlapping times.
+
+    With `outside` = (start, end), holding during that window is not counted
+    (a paused agent: see test_agent_ha)."""
     now = time.monotonic()
     held = {n.name: holding_intervals(n.events(), now) for n in nodes}
+    if outside is not None:
+        held = {n: {w: _cut(iv, outside) for w, iv in r.items()} for n, r in held.items()}
     names = list(held)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -232,3 +237,16 @@ def check_one_signer(*nodes: Node) -> None:
                             f"{what} held on {a} during {a_start:.3f}..{a_end:.3f} "
                             f"and on {b} during {b_start:.3f}..{b_end:.3f}"
                         )
+
+
+def _cut(
+    intervals: list[tuple[float, float]], window: tuple[float, float]
+) -> list[tuple[float, float]]:
+    """`intervals` without the parts inside `window`."""
+    out = []
+    for start, end in intervals:
+        if start < window[0]:
+            out.append((start, min(end, window[0])))
+        if end > window[1]:
+            out.append((max(start, window[1]), end))
+    return out

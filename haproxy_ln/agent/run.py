@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -55,13 +56,15 @@ async def run_agent(config: Config) -> None:
             proxy = Proxy(config.proxy, gate)
             await nursery.start(proxy.serve)
             async with open_supervisor(config.daemon, events) as daemon:
-                shell = HaShell(config, coord, local, gate, daemon, keys, events, nursery)
+                shell = HaShell(config, coord, local, gate, daemon, keys, events, nursery, notifier)
                 async with trio.open_nursery() as ha_tasks:
                     ha_tasks.start_soon(shell.keepalive)
                     ha_tasks.start_soon(shell.watch)
                     ha_tasks.start_soon(shell.run)
                     await nursery.start(
-                        run_watchdog, notifier, config.ha.timing().keepalive_interval
+                        partial(run_watchdog, healthy=shell.healthy),
+                        notifier,
+                        config.ha.timing().keepalive_interval,
                     )
                     notifier.ready(f"node {node}: started")
                     async for signum in signals:

@@ -33,6 +33,7 @@ from haproxy_ln.agent.local import LocalStore
 from haproxy_ln.config import Config
 from haproxy_ln.coord import Coord
 from haproxy_ln.coord.model import CoordView, Lease
+from haproxy_ln.daemon.sdnotify import SystemdNotifier
 from haproxy_ln.daemon.supervisor import DaemonState as SupervisorState
 from haproxy_ln.daemon.supervisor import DaemonSupervisor
 from haproxy_ln.errors import (
@@ -75,6 +76,7 @@ class HaShell:
         keys: KeyCustody,
         events: EventLog,
         nursery: trio.Nursery,
+        notifier: SystemdNotifier,
     ) -> None:
         self.config = config
         self.node = config.node.name
@@ -87,10 +89,13 @@ class HaShell:
         self.timing = config.ha.timing()
         self.mode = ha.SyncMode(config.replication.mode)
         self._nursery = nursery
+        self.notifier = notifier
+        self.last_step = time.monotonic()
         self.state = ha.HaState()
         self.reason = "starting"
         self.lease: Lease | None = None
-        self.last_keepalive_sent: float | None = None
+        self.last_keepalive_sent: float | None = None  # of the current lease
+        self.last_renewal_sent: float | None = None  # of any lease: kept for the record
         self.etcd_reachable = False
         self.view = CoordView(None, None, None, 0)
         self.primary_epoch: int | None = None
@@ -115,6 +120,8 @@ class HaShell:
                 self._record_role(decision.state, now)
             if decision.reason != self.reason or decision.role is not self.state.role:
                 log.info("%s: %s", decision.role.value, decision.reason)
+                self.notifier.status(f"{decision.role.value}: {decision.reason}")
+            self.last_step = now
             self.state, self.reason = decision.state, decision.reason
             failed = False
             for action in decision.actions:
@@ -127,6 +134,11 @@ class HaShell:
                 await self._changed.wait()
             self._changed = trio.Event()
 
+    def healthy(self) -> bool:
+        """Whether the loop has stepped recently (it steps at least every keepalive
+        interval): the systemd watchdog is fed only then, so a stuck agent is restarted."""
+        return time.monotonic() - self.last_step < self.timing.lease_ttl
+
     def _record_role(self, state: ha.HaState, now: float) -> None:
         """An event per role change; a self-fence says why and against which deadline,
         so a checker can prove it came before the lease could expire in etcd."""
@@ -136,7 +148,7 @@ class HaShell:
             cause=state.fence_cause,
             step_time=now,
             deadline=self._deadline(),
-            last_keepalive_sent=self.last_keepalive_sent,
+            last_keepalive_sent=self.last_renewal_sent,
         )
 
     def _deadline(self) -> float | None:
@@ -160,7 +172,7 @@ class HaShell:
                     self.wake()
                 else:
                     await self.coord.keepalive(self.lease)
-                self.last_keepalive_sent = sent
+                self.last_keepalive_sent = self.last_renewal_sent = sent
                 self._set_reachable(True)
             except LeaseLost:
                 self.events.emit("lease.lost", lease=self.lease.id if self.lease else None)

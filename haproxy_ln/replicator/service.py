@@ -260,6 +260,16 @@ class Replicator:
             if record is not None:
                 await send.send(record)
 
+    async def _ping(self, store: bridge.Connection) -> None:
+        """Raises ReplicationError when the replica store does not answer in time, so an
+        idle replicator notices a lost replica (and the HA loop can degrade)."""
+        with trio.move_on_after(self.config.connect_timeout):
+            await bridge.call(store.fetchval, "SELECT 1")
+            return
+        raise ReplicationError(
+            f"the replica store did not answer within {self.config.connect_timeout} s"
+        )
+
     async def _apply(
         self,
         wal: WalSenderConnection,
@@ -270,7 +280,12 @@ class Replicator:
     ) -> None:
         next_prune = time.monotonic()
         while True:
-            batch = [await receive.receive()]
+            batch: list[Record] = []
+            with trio.move_on_after(STATUS_INTERVAL):
+                batch = [await receive.receive()]
+            if not batch:  # idle: make sure the replica store is still there
+                await self._ping(store)
+                continue
             # DDL ends a batch: its effects may only be usable once committed
             # (ALTER TYPE ... ADD VALUE), and PostgreSQL applied the later
             # source transactions after that commit too.
