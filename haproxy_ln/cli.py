@@ -28,6 +28,7 @@ from haproxy_ln.config import (
 )
 from haproxy_ln.errors import ConfigError, HaproxyLnError
 from haproxy_ln.proxy.server import run_standalone
+from haproxy_ln.sim.command import sim
 
 CONFIG_FILE = click.Path(path_type=Path)  # no checks here: load() reports unreadable files
 
@@ -52,6 +53,9 @@ def load_or_exit(path: Path) -> Config:
 @click.version_option(__version__, prog_name="haproxy-ln")
 def main() -> None:
     """High availability for Lightning Network nodes' PostgreSQL databases."""
+
+
+main.add_command(sim)
 
 
 @main.command("check-config")
@@ -194,6 +198,31 @@ def run(config_file: Path, log_level: str) -> None:
     config = load_or_exit(config_file)
     setup_logging(log_level)
     run_trio(partial(run_agent, config))
+
+
+@main.command("switchover")
+@click.option(
+    "--config", "config_file", type=CONFIG_FILE, required=True, help="A node's configuration."
+)
+@click.option("--to", "target", metavar="NODE", help="The node to hand over to [the peer].")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the handover.",
+)
+def switchover_command(config_file: Path, target: str | None, timeout: float) -> None:
+    """Hand over from the active node to the standby with no lease wait and no lost write."""
+    from haproxy_ln.agent.switchover import switchover
+
+    config = load_or_exit(config_file)
+    setup_logging("warning")
+
+    async def job() -> None:
+        click.echo(await switchover(config, target, timeout))
+
+    run_trio(job)
 
 
 @main.command()

@@ -41,9 +41,10 @@ class LocalFacts:
     fence: ha.Fence | None
     sync_standby_names_set: bool
     sync_state: ha.SyncState | None
+    slot_exists: bool  # our logical replication slot is on this database
 
 
-UNREACHABLE = LocalFacts(False, None, False, None)
+UNREACHABLE = LocalFacts(False, None, False, None, False)
 
 
 class LocalStore:
@@ -91,7 +92,7 @@ class LocalStore:
 
     async def facts(self) -> LocalFacts:
         try:
-            return await self._call(_read_facts, self.config.sync_name)
+            return await self._call(_read_facts, self.config.sync_name, self.config.slot)
         except ReplicationError:
             return UNREACHABLE
 
@@ -99,9 +100,19 @@ class LocalStore:
         """Raise the fence to `epoch`. Raises StaleEpoch if it is above already."""
         await self._call(_raise_fence, epoch, node)
 
-    async def prepare_primary(self) -> None:
-        """Move sequences forward, then bootstrap capture. Raises SetupError."""
-        await self._call(_prepare_primary)
+    async def advance_sequences(self) -> None:
+        """Move every sequence past the largest value in its column. Raises ReplicationError."""
+        await self._call(primary.advance_sequences)
+
+    async def bootstrap_primary(self) -> None:
+        """Publication, DDL event trigger, slot. Raises SetupError, ReplicationError."""
+        await self._call(primary.bootstrap)
+
+    async def drop_slot(self) -> None:
+        """Drop our replication slot: on a standby it would only hold WAL back forever.
+
+        Raises ReplicationError (also while a walsender still uses it)."""
+        await self._call(_drop_slot, self.config.slot)
 
     async def set_sync_standby(self, enabled: bool) -> None:
         if enabled:
@@ -115,7 +126,7 @@ class LocalStore:
             await bridge.close(conn)
 
 
-async def _read_facts(conn: asyncpg.Connection, sync_name: str) -> LocalFacts:
+async def _read_facts(conn: asyncpg.Connection, sync_name: str, slot: str) -> LocalFacts:
     fence = None
     if await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.fence") is not None:
         row = await conn.fetchrow(_FACTS_SQL)
@@ -123,11 +134,17 @@ async def _read_facts(conn: asyncpg.Connection, sync_name: str) -> LocalFacts:
             fence = ha.Fence(int(row["epoch"]), str(row["node"]))
     names = await conn.fetchval("SELECT current_setting('synchronous_standby_names')")
     state = await primary.sync_state(conn, sync_name)
+    slot_exists = await conn.fetchval(
+        "SELECT count(*) > 0 FROM pg_replication_slots "
+        "WHERE slot_name = $1 AND database = current_database()",
+        slot,
+    )
     return LocalFacts(
         reachable=True,
         fence=fence,
         sync_standby_names_set=sync_name in _standby_names(names),
         sync_state=None if state is None else ha.SyncState(state),
+        slot_exists=bool(slot_exists),
     )
 
 
@@ -141,8 +158,15 @@ async def _raise_fence(conn: asyncpg.Connection, epoch: int, node: str) -> None:
     await primary.ensure_store(conn)
     async with conn.transaction():
         await raise_fence(conn, epoch, node)
+        # This database now takes writes of its own: its position as a replica of the
+        # old primary means nothing any more, so a later rejoin copies it afresh
+        # instead of streaming on top of writes the other node never saw.
+        await conn.execute(f"DELETE FROM {SCHEMA}.replica_state")
 
 
-async def _prepare_primary(conn: asyncpg.Connection) -> None:
-    await primary.advance_sequences(conn)
-    await primary.bootstrap(conn)
+async def _drop_slot(conn: asyncpg.Connection, slot: str) -> None:
+    await conn.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+        "WHERE slot_name = $1 AND database = current_database()",
+        slot,
+    )

@@ -32,7 +32,7 @@ from haproxy_ln import ha
 from haproxy_ln.agent.local import LocalStore
 from haproxy_ln.config import Config
 from haproxy_ln.coord import Coord
-from haproxy_ln.coord.model import CoordView, Lease
+from haproxy_ln.coord.model import CoordView, Lease, SwitchoverRequest
 from haproxy_ln.daemon.sdnotify import SystemdNotifier
 from haproxy_ln.daemon.supervisor import DaemonState as SupervisorState
 from haproxy_ln.daemon.supervisor import DaemonSupervisor
@@ -103,6 +103,8 @@ class HaShell:
         self._replicator_scope: trio.CancelScope | None = None
         self._replica_down_since: float | None = None
         self._changed = trio.Event()
+        self.timeline: list[tuple[str, float]] = []  # the takeover under way
+        self.last_timeline: dict[str, float] = {}  # seconds from detection, per step
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class HaShell:
             for action in decision.actions:
                 failed |= not await self._carry_out(action, snapshot)
             self._set_gate_expiry(snapshot)
+            self._set_replica_guard(snapshot)
             if decision.actions and not failed:
                 continue  # their outcomes are the next snapshot's facts
             wake_at = decision.wake_at if not failed else min(decision.wake_at, now + ERROR_PAUSE)
@@ -139,9 +142,19 @@ class HaShell:
         interval): the systemd watchdog is fed only then, so a stuck agent is restarted."""
         return time.monotonic() - self.last_step < self.timing.lease_ttl
 
+    def _step_done(self, kind: str, **fields: int) -> None:
+        """A takeover step as an event, and on the failover timeline."""
+        event = self.events.emit(kind, **fields)
+        self.timeline.append((kind.replace(".", " "), event.mono))
+
     def _record_role(self, state: ha.HaState, now: float) -> None:
         """An event per role change; a self-fence says why and against which deadline,
-        so a checker can prove it came before the lease could expire in etcd."""
+        so a checker can prove it came before the lease could expire in etcd.
+        Becoming candidate starts a failover timeline; becoming active ends it."""
+        if state.role is ha.Role.CANDIDATE:
+            self.timeline = [("detected", now)]
+        elif state.role is ha.Role.ACTIVE and self.timeline:
+            self._finish_timeline(now)
         self.events.emit(
             f"ha.{state.role.value}",
             epoch=state.epoch,
@@ -151,10 +164,33 @@ class HaShell:
             last_keepalive_sent=self.last_renewal_sent,
         )
 
+    def _finish_timeline(self, now: float) -> None:
+        start = self.timeline[0][1]
+        steps = {name: round(at - start, 3) for name, at in self.timeline}
+        log.info(
+            "takeover timeline: %s", ", ".join(f"{name} +{s:.3f} s" for name, s in steps.items())
+        )
+        self.events.emit("takeover.timeline", **{k.replace(" ", "_"): v for k, v in steps.items()})
+        self.last_timeline, self.timeline = steps, []
+
     def _deadline(self) -> float | None:
         if self.lease is None or self.last_keepalive_sent is None:
             return None
         return self.timing.lease_deadline(self.last_keepalive_sent)
+
+    def _set_replica_guard(self, snapshot: ha.Snapshot) -> None:
+        # The replicator holds the gate until the replica has everything (invariant 5)
+        # only while the sync record promises that replica; degraded, the node serves alone.
+        replicator, record = self.replicator, snapshot.sync_record
+        if replicator is None:
+            return
+        promised = (
+            record is not None and record.epoch == self.state.epoch and record.node is not None
+        )
+        if promised:
+            replicator.guards_gate = True
+        elif replicator.guards_gate:
+            replicator.stop_guarding()
 
     def _set_gate_expiry(self, snapshot: ha.Snapshot) -> None:
         # Only a leader opens the gate; it must not outlive the lease (see proxy.gate).
@@ -212,6 +248,8 @@ class HaShell:
             log.debug("etcd: reading the keys failed: %s", e)
             self._set_reachable(False)
         local = await self.local.facts()
+        if local.slot_exists and self.state.role is ha.Role.STANDBY:
+            await self._drop_stale_slot()
         view, lease = self.view, self.lease
         return ha.Snapshot(
             node=self.node,
@@ -235,7 +273,19 @@ class HaShell:
             daemon=_DAEMON_STATES[self.daemon.state],
             keys_present=self.keys.held,
             gate_open=self.gate.opened,
+            switchover=None
+            if view.switchover is None
+            else ha.SwitchoverRequest(view.switchover.epoch, view.switchover.target),
         )
+
+    async def _drop_stale_slot(self) -> None:
+        # Housekeeping, not a decision: a standby's database is a replica store, and
+        # the slot it kept from leading would hold its WAL back forever.
+        try:
+            await self.local.drop_slot()
+            log.info("dropped the replication slot left from leading: this node stands by")
+        except HaproxyLnError as e:
+            log.warning("dropping the old replication slot: %s", e)
 
     def _replica_facts(self, sync_state: ha.SyncState | None) -> ha.ReplicaFacts | None:
         replicator = self.replicator
@@ -280,16 +330,20 @@ class HaShell:
                 self.gate.close(reason, leader)
             case ha.OpenGate():
                 self.gate.open()
+                self._step_done("gate.opened")
             case ha.AcquireLeader(lease=lease):
                 if self.lease is not None and self.lease.id == lease:
                     epoch = await self.coord.campaign(self.lease)
                     if epoch is not None:
-                        self.events.emit("leader.acquired", epoch=epoch)
+                        self._step_done("leader.acquired", epoch=epoch)
             case ha.RaiseFence(epoch=epoch):
                 await self.local.raise_fence(epoch, self.node)
-                self.events.emit("fence.raised", epoch=epoch)
+                self._step_done("fence.raised", epoch=epoch)
             case ha.PreparePrimary(epoch=epoch):
-                await self.local.prepare_primary()
+                await self.local.advance_sequences()
+                self._step_done("sequences.moved", epoch=epoch)
+                await self.local.bootstrap_primary()
+                self._step_done("primary.bootstrapped", epoch=epoch)
                 self.primary_epoch = epoch
             case ha.SetSyncStandby(enabled=enabled):
                 await self.local.set_sync_standby(enabled)
@@ -302,6 +356,7 @@ class HaShell:
                 self.stop_replicating()
             case ha.MaterializeKeys():
                 await self.keys.materialize()
+                self.timeline.append(("keys materialized", time.monotonic()))
             case ha.StartDaemon():
                 self._nursery.start_soon(self._start_daemon)
             case ha.StopDaemon():
@@ -314,8 +369,11 @@ class HaShell:
                 if self.lease is not None and self.lease.id == lease:
                     await self.coord.revoke(self.lease)
                     self.lease = self.last_keepalive_sent = None
-            case ha.DropSwitchoverRequest(reason=reason):
+            case ha.DropSwitchoverRequest(request=request, reason=reason):
                 log.warning("switchover request dropped: %s", reason)
+                await self.coord.drop_switchover(
+                    SwitchoverRequest(epoch=request.epoch, target=request.target)
+                )
             case _:
                 raise AssertionError(f"unhandled action {action!r}")
 
@@ -326,6 +384,7 @@ class HaShell:
             nursery.start_soon(self._unlock)
             try:
                 await self.daemon.start()
+                self.timeline.append(("daemon ready", time.monotonic()))
             except DaemonFailed as e:
                 log.error("the daemon did not start: %s", e)
                 nursery.cancel_scope.cancel()
@@ -351,6 +410,7 @@ class HaShell:
         replicator = Replicator(
             self.config.replication, node=self.node, epoch=epoch, gate=self.gate
         )
+        replicator.guards_gate = False  # until the sync record names the replica
         scope = trio.CancelScope()
         self.replicator, self._replicator_scope = replicator, scope
         self._replica_down_since = None

@@ -44,11 +44,14 @@ from haproxy_ln.coord.model import (
     Leader,
     Lease,
     Successor,
+    SwitchoverRequest,
     SyncRecord,
     decode_leader,
     decode_successor,
+    decode_switchover,
     decode_sync,
     encode_successor,
+    encode_switchover,
     encode_sync,
 )
 from haproxy_ln.coord.watch import changed_since, watch_for_event
@@ -290,6 +293,50 @@ class Coord:
         record = _one(await self._client.request("read sync record", read))
         return None if record is None else decode_sync(keys.sync, record.value)
 
+    # --- planned switchover ---------------------------------------------------------------------
+
+    async def request_switchover(self, target: str | None) -> SwitchoverRequest:
+        """Ask the current leader to hand over to `target` (None: its peer).
+
+        The request names the leader's epoch and is written only while that
+        leader still holds the key, so a request never outlives the leader
+        it was meant for. Raises CoordError when there is no leader (or it
+        changed meanwhile), CoordUnavailable.
+        """
+        keys = self._keys
+        leader = await self.leader()
+        if leader is None:
+            raise CoordError("no node is active: there is nothing to switch over")
+        request = SwitchoverRequest(epoch=leader.epoch, target=target)
+
+        async def write(member: Member, timeout: float) -> Any:
+            return await member.kv.txn(
+                [_txn(keys.leader, leader.epoch)],
+                [_put(keys.switchover, encode_switchover(request))],
+                [],
+                timeout=timeout,
+            )
+
+        if not (await self._client.request("request switchover", write)).succeeded:
+            raise CoordError(f"the leader of epoch {leader.epoch} changed meanwhile: try again")
+        return request
+
+    async def drop_switchover(self, request: SwitchoverRequest) -> bool:
+        """Delete the switchover request if it still equals `request`.
+
+        Raises CoordUnavailable, CoordError."""
+        keys = self._keys
+
+        async def delete(member: Member, timeout: float) -> Any:
+            return await member.kv.txn(
+                [KVService.txn_compare_value(keys.switchover, encode_switchover(request))],
+                [_delete(keys.switchover)],
+                [],
+                timeout=timeout,
+            )
+
+        return bool((await self._client.request("drop switchover request", delete)).succeeded)
+
     # --- everything at once, and waiting for a change -----------------------------------------
 
     async def view(self) -> CoordView:
@@ -305,12 +352,17 @@ class Coord:
 
         answer = await self._client.request("read keys", read)
         found = {kv.key: kv for kv in _kvs(answer)}
-        held, sync, record = (found.get(k) for k in (keys.leader, keys.sync, keys.successor))
+        held, sync, record, request = (
+            found.get(k) for k in (keys.leader, keys.sync, keys.successor, keys.switchover)
+        )
         return CoordView(
             leader=None if held is None else _leader(keys, held),
             sync=None if sync is None else decode_sync(keys.sync, sync.value),
             successor=None if record is None else decode_successor(keys.successor, record.value),
             revision=int(answer.header.revision),
+            switchover=None
+            if request is None
+            else decode_switchover(keys.switchover, request.value),
         )
 
     async def wait_change(self, after_revision: int, timeout: float) -> bool:

@@ -29,11 +29,14 @@ __all__ = [
     "Leader",
     "Lease",
     "Successor",
+    "SwitchoverRequest",
     "SyncRecord",
     "decode_leader",
     "decode_successor",
+    "decode_switchover",
     "decode_sync",
     "encode_successor",
+    "encode_switchover",
     "encode_sync",
 ]
 
@@ -55,6 +58,10 @@ class Keys:
     @property
     def successor(self) -> bytes:
         return f"{self.prefix}/successor".encode()
+
+    @property
+    def switchover(self) -> bytes:
+        return f"{self.prefix}/switchover".encode()
 
     @property
     def range_start(self) -> bytes:
@@ -101,6 +108,14 @@ class Successor:
 
 
 @dataclass(frozen=True, slots=True)
+class SwitchoverRequest:
+    """An operator asked the leader of `epoch` to hand over to `target` (None: the peer)."""
+
+    epoch: int
+    target: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class CoordView:
     """All of the pair's keys as of one etcd `revision` (read in one transaction)."""
 
@@ -108,6 +123,7 @@ class CoordView:
     sync: SyncRecord | None
     successor: Successor | None
     revision: int
+    switchover: SwitchoverRequest | None = None
 
 
 def encode_sync(record: SyncRecord) -> bytes:
@@ -118,6 +134,10 @@ def encode_successor(successor: Successor) -> bytes:
     return json.dumps(
         {"after_epoch": successor.after_epoch, "node": successor.node}, sort_keys=True
     ).encode()
+
+
+def encode_switchover(request: SwitchoverRequest) -> bytes:
+    return json.dumps({"epoch": request.epoch, "target": request.target}, sort_keys=True).encode()
 
 
 def _object(key: bytes, value: bytes, fields: set[str]) -> dict[str, object]:
@@ -164,6 +184,15 @@ def decode_successor(key: bytes, value: bytes) -> Successor:
     return Successor(
         node=_node(key, value, data), after_epoch=_epoch(key, value, data, "after_epoch")
     )
+
+
+def decode_switchover(key: bytes, value: bytes) -> SwitchoverRequest:
+    """Parse a switchover request; raises CoordError if haproxy-ln could not have written it."""
+    data = _object(key, value, {"epoch", "target"})
+    target = data["target"]
+    if target is not None and (not isinstance(target, str) or not target):
+        raise _foreign(key, value, "has no node name as target")
+    return SwitchoverRequest(epoch=_epoch(key, value, data, "epoch"), target=target)
 
 
 def decode_leader(key: bytes, value: bytes, create_revision: int, lease_id: int) -> Leader:

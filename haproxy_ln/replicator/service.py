@@ -101,6 +101,10 @@ class Replicator:
         self.node = node
         self.epoch = epoch
         self.gate = gate
+        # Whether the replica's completeness protects the gate (invariant 5). The HA
+        # loop clears it while the pair runs degraded: the node then serves alone, and
+        # holding the gate for an unreachable replica would only stop the service.
+        self.guards_gate = True
         self.progress = progress
         self.status = ReplicatorStatus()
         self._send_lock = trio.Lock()
@@ -110,8 +114,14 @@ class Replicator:
 
     def _hold(self, reason: str) -> None:
         self.status.caught_up = False
-        if self.gate is not None:
+        if self.gate is not None and self.guards_gate:
             self.gate.hold(GATE_KEY, reason)
+
+    def stop_guarding(self) -> None:
+        """Let the gate go: the pair runs degraded (see `guards_gate`)."""
+        self.guards_gate = False
+        if self.gate is not None:
+            self.gate.release(GATE_KEY)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Replicate until cancelled; `task_status.started()` once streaming.
