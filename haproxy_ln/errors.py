@@ -98,3 +98,15 @@ class WrongWalletPassword(LndError):
 
 class DaemonFailed(HaproxyLnError):
     """The Lightning daemon did not start, stop or die as asked; the message says why."""
+
+
+class SimulatorError(HaproxyLnError):
+    """The Lightning daemon simulator cannot start, or must stop as a real daemon would."""
+
+
+class DataVersionConflict(SimulatorError):
+    """The simulator's optimistic data_version check failed: another writer got in."""
+
+
+class DatabaseLost(SimulatorError):
+    """The simulator lost its database connection (a real daemon crashes then)."""
