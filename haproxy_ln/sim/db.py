@@ -141,13 +141,16 @@ def migrate(
     doing = "running schema migrations"
     try:
         simple(conn, "BEGIN")
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        # binary results, as the daemons' drivers ask for (libpq in CLN, pgx in lnd)
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,), binary=True)
         simple(
             conn,
             f"CREATE TABLE IF NOT EXISTS {version_table} "
             "(id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)",
         )
-        row = conn.execute(f"SELECT version FROM {version_table} WHERE id = 1").fetchone()
+        row = conn.execute(
+            f"SELECT version FROM {version_table} WHERE id = 1", binary=True
+        ).fetchone()
         found = as_int(row[0]) if row else 0
         if found > len(migrations):
             raise SimulatorError(
@@ -161,6 +164,7 @@ def migrate(
             f"INSERT INTO {version_table} (id, version) VALUES (1, %s) "
             "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
             (len(migrations),),
+            binary=True,
         )
         simple(conn, "COMMIT")
     except psycopg.Error as e:

@@ -162,15 +162,22 @@ class Simulator:
         """Run until done or stopped. Raises SimulatorError (DataVersionConflict,
         DatabaseLost, ...) for whatever ends the run as a daemon crash would."""
         s = self.settings
-        rng = random.Random(s.seed)
-        if s.mode is Mode.CLN:
-            assert s.key_file is not None  # check() made sure
-            secret = read_secret(s.key_file, "the key file")
-        else:
-            assert s.wallet is not None
-            secret = read_secret(s.wallet.password_file, "the wallet password file")
-            if not self._wait_for_unlock(s.wallet, secret):
-                return SimReport(s.mode, 0, 0, "stop requested before unlock")
+        try:
+            if s.mode is Mode.CLN:
+                assert s.key_file is not None  # check() made sure
+                secret = read_secret(s.key_file, "the key file")
+            else:
+                assert s.wallet is not None
+                secret = read_secret(s.wallet.password_file, "the wallet password file")
+                if not self._wait_for_unlock(s.wallet, secret):
+                    return SimReport(s.mode, 0, 0, "stop requested before unlock")
+            return self._run_journaled(secret)
+        finally:
+            if self.wallet is not None:
+                self.wallet.stop()
+
+    def _run_journaled(self, secret: bytes) -> SimReport:
+        s = self.settings
         journal = Journal(s.journal, s.node, s.mode.value, self.run_id)
         try:
             journal.start(os.getpid())
@@ -181,21 +188,20 @@ class Simulator:
                 self.run_id,
                 describe_target(s.dsn),
             )
+            rng = random.Random(s.seed)
             if s.mode is Mode.CLN:
                 report = self._run_cln(journal, secret, rng)
             else:
                 report = self._run_lnd(journal, rng)
+            journal.exit(f"stopped by {report.stopped_by} after {report.updates} updates", 0)
+            return report
         except SimulatorError as e:
             log.error("stopping: %s", e)
             with contextlib.suppress(SimulatorError):  # the error that ended the run comes first
                 journal.exit(str(e), 1)
             raise
         finally:
-            if self.wallet is not None:
-                self.wallet.stop()
-        journal.exit(f"stopped by {report.stopped_by} after {report.updates} updates", 0)
-        journal.close()
-        return report
+            journal.close()
 
     def _connect(self, prepare: bool) -> Conn:
         s = self.settings
@@ -257,13 +263,9 @@ class Simulator:
         self.wallet = WalletServer(wallet.rpc, cert, key, password).start()
         self.listening.set()
         log.info("wallet locked; waiting for UnlockWallet on %s", self.wallet.address)
-        try:
-            while not self.wallet.unlocked.wait(0.1):
-                if self._halt.is_set():
-                    return False
-        except BaseException:
-            self.wallet.stop()
-            raise
+        while not self.wallet.unlocked.wait(0.1):  # run() stops the server on the way out
+            if self._halt.is_set():
+                return False
         log.info("wallet unlocked")
         return True
 
