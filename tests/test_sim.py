@@ -400,10 +400,12 @@ async def wait_listening(sim: Simulator) -> HostPort:
 
 
 async def test_lnd_stays_off_the_database_until_unlocked_over_grpc(
-    tmp_path: Path, dsn: str, lnd_wallet: LndWallet
+    tmp_path: Path, pg_session: PostgresCluster, proxy: ProxyThread, lnd_wallet: LndWallet
 ) -> None:
+    dsn = new_database(pg_session)
     journal = tmp_path / "journal"
-    running = Background(lnd_settings(dsn, journal, lnd_wallet, count=20))
+    through = proxy.dsn(dbname=dsn.rsplit("/", 1)[1])
+    running = Background(lnd_settings(through, journal, lnd_wallet, count=20))
     rpc = await wait_listening(running.sim)
     cert = lnd_wallet.tls_cert
 
@@ -422,6 +424,16 @@ async def test_lnd_stays_off_the_database_until_unlocked_over_grpc(
     assert len(acks(journal)) == 20
     result = check([journal], dsn)
     assert (result.acked, result.lost, result.split_brain) == (20, 0, 0)
+    # and the checker reads lnd's revocation log: one entry gone is one lost write
+    channel, commitment, digest = acks(journal)[-1]
+    sql(
+        dsn,
+        "DELETE FROM channeldb_kv WHERE key = %s AND value = %s",
+        commitment.to_bytes(8, "big"),
+        digest,
+    )
+    (finding,) = check([journal], dsn).details
+    assert (finding.kind, finding.channel, finding.commitment) == (LOST, channel.hex(), commitment)
 
 
 async def test_lnd_reports_server_active_while_running_and_stops_on_request(
