@@ -455,20 +455,46 @@ async def test_lnd_reports_server_active_while_running_and_stops_on_request(
     assert check([journal], dsn).ok
 
 
+async def run_unlocked(settings: SimSettings) -> SimReport:
+    assert settings.wallet is not None
+    running = Background(settings)
+    rpc = await wait_listening(running.sim)
+    await unlock_wallet(rpc, settings.wallet.tls_cert, Secret(PASSWORD), 5.0)
+    return await trio.to_thread.run_sync(running.result)
+
+
 async def test_lnd_retries_serialization_failures_between_its_pooled_connections(
     tmp_path: Path, dsn: str, lnd_wallet: LndWallet
 ) -> None:
     # Four connections updating one channel at full speed collide all the time.
     journal = tmp_path / "journal"
-    running = Background(lnd_settings(dsn, journal, lnd_wallet, count=60, channels=1, pool=4))
-    rpc = await wait_listening(running.sim)
-    await unlock_wallet(rpc, lnd_wallet.tls_cert, Secret(PASSWORD), 5.0)
-    report = await trio.to_thread.run_sync(running.result)
+    report = await run_unlocked(
+        lnd_settings(dsn, journal, lnd_wallet, count=60, channels=1, pool=4)
+    )
 
     assert report.updates == 60
     assert report.retries > 0
     # SERIALIZABLE with retries: every commitment number acknowledged exactly once, none lost.
     assert sorted(c for _, c, _ in acks(journal)) == list(range(1, 61))
+    assert check([journal], dsn).ok
+
+
+async def test_an_lnd_restart_continues_the_numbering_and_keeps_its_tls_certificate(
+    tmp_path: Path, dsn: str, lnd_wallet: LndWallet
+) -> None:
+    journal = tmp_path / "journal"
+    settings = lnd_settings(dsn, journal, lnd_wallet, count=5, channels=1, pool=2)
+    await run_unlocked(settings)
+    cert = lnd_wallet.tls_cert.read_bytes()
+    await run_unlocked(settings)
+
+    runs: dict[str, list[int]] = {}
+    for r in read_journal(journal):
+        if r.kind == "ack":
+            runs.setdefault(r.run, []).append(r.commitment)  # type: ignore[arg-type]
+    first, second = runs.values()  # (workers may journal out of commit order within a run)
+    assert sorted(first) == [1, 2, 3, 4, 5] and sorted(second) == [6, 7, 8, 9, 10]
+    assert lnd_wallet.tls_cert.read_bytes() == cert
     assert check([journal], dsn).ok
 
 
