@@ -871,6 +871,13 @@ class HaConfig(_Section):
         description="seconds the replica may be unreachable before the active runs on alone "
         '(mode "sync" only)',
     )
+    primary_lost_after: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="seconds the local PostgreSQL may be unreachable before the active node "
+        "gives up leading, so that a standby named in the sync record takes over",
+    )
 
     @field_validator("lease_ttl")
     @classmethod
@@ -933,7 +940,13 @@ class HaConfig(_Section):
         interval = self.keepalive_interval
         if interval is None:
             interval = self.lease_ttl / 3
-        return Timing(self.lease_ttl, interval, self.safety_margin, self.degrade_after)
+        return Timing(
+            self.lease_ttl,
+            interval,
+            self.safety_margin,
+            self.degrade_after,
+            self.primary_lost_after,
+        )
 
 
 class Config(_Section):

@@ -78,6 +78,7 @@ lnd_timeout = 10.0
 lease_ttl = 2.0
 safety_margin = 0.5
 degrade_after = 5.0
+primary_lost_after = 5.0
 """
 
 ALLOWED_PROXY_KEYS = (

@@ -123,3 +123,53 @@ def test_old_active_rejoins_as_standby_and_the_pair_returns_to_sync(
     write(b, 3)
     assert rows(a) == {1, 2, 3}  # synchronous: on a before b acknowledged it
     check_one_signer(a, b)
+
+
+TIMELINE_STEPS = (
+    "detected",
+    "leader_acquired",
+    "fence_raised",
+    "sequences_moved",
+    "primary_bootstrapped",
+    "gate_opened",
+    "keys_materialized",
+    "daemon_ready",
+)
+
+
+def takeover_timeline(node: Node, after: float) -> dict[str, object]:
+    """The takeover timeline `node` recorded after `after` (it follows daemon.ready)."""
+    done = lambda: first(node, "takeover.timeline", after) is not None  # noqa: E731
+    wait_for(f"{node.name}'s takeover timeline", done, 10, node)
+    found = first(node, "takeover.timeline", after)
+    assert found is not None
+    assert set(TIMELINE_STEPS) <= set(found.fields), found.fields
+    return found.fields
+
+
+def test_failover_after_kill_9_of_the_active_postgresql(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    start_pair(a, b)
+    write(a, 1)
+    killed = time.monotonic()
+    a.pg.kill()
+    wait_for("b's daemon", lambda: first(b, "daemon.ready", killed) is not None, 60, a, b)
+    takeover_timeline(b, killed)
+    write(b, 2)
+    assert rows(b) == {1, 2}
+    check_one_signer(a, b)
+
+
+def test_failover_after_a_clean_stop_needs_no_lease_wait(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    start_pair(a, b)
+    write(a, 1)
+    stopped = time.monotonic()
+    assert a.stop() == 0
+    wait_for("b's daemon", lambda: first(b, "daemon.ready", stopped) is not None, 30, b)
+    timeline = takeover_timeline(b, stopped)
+    assert first(b, "leader.acquired", stopped).mono - stopped < 1.5  # type: ignore[union-attr]
+    assert isinstance(timeline["daemon_ready"], float)
+    write(b, 2)
+    assert rows(b) == {1, 2}
+    check_one_signer(a, b)

@@ -900,3 +900,27 @@ def test_planned_switchover_hands_over_without_waiting_for_the_lease() -> None:
     assert world.etcd.sync is not None and world.etcd.sync.epoch == b.state.epoch
     assert world.etcd.switchover is None  # the new leader dropped the stale request
     assert a.decisions[-1][1].reason == f"following b at epoch {b.state.epoch}"
+
+
+# -- the leader's own PostgreSQL is gone -------------------------------------------------
+
+
+def test_active_waits_for_its_postgresql_until_primary_lost_after() -> None:
+    down = replace(ACTIVE, store_unreachable_since=100.2, store_fence=None)
+    decision = step(ACTIVE_STATE, down, 100.3, timing=TIMING, mode=SyncMode.SYNC)
+    assert decision.role is Role.ACTIVE
+    assert decision.actions == ()  # no RaiseFence into a database that does not answer
+    assert "local PostgreSQL" in decision.reason
+    assert decision.wake_at == min(100.2 + TIMING.primary_lost_after, 100.3 + 0.5, DEADLINE)
+
+
+def test_active_gives_up_leading_when_its_postgresql_stays_unreachable() -> None:
+    down = replace(ACTIVE, store_unreachable_since=95.0, store_fence=None)
+    before = step(ACTIVE_STATE, down, 99.999, timing=TIMING, mode=SyncMode.SYNC)
+    assert before.role is Role.ACTIVE
+    decision = step(ACTIVE_STATE, down, 100.0, timing=TIMING, mode=SyncMode.SYNC)
+    assert decision.role is Role.FENCED
+    kill, destroy, close = decision.actions[:3]
+    assert (kill, destroy) == (KillDaemon(), DestroyKeys())
+    assert isinstance(close, CloseGate) and "local PostgreSQL unreachable for 5 s" in close.reason
+    assert "local PostgreSQL unreachable for 5 s" in (decision.state.fence_cause or "")

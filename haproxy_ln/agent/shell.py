@@ -102,6 +102,7 @@ class HaShell:
         self.replicator: Replicator | None = None
         self._replicator_scope: trio.CancelScope | None = None
         self._replica_down_since: float | None = None
+        self._store_down_since: float | None = None
         self._changed = trio.Event()
         self.timeline: list[tuple[str, float]] = []  # the takeover under way
         self.last_timeline: dict[str, float] = {}  # seconds from detection, per step
@@ -248,6 +249,10 @@ class HaShell:
             log.debug("etcd: reading the keys failed: %s", e)
             self._set_reachable(False)
         local = await self.local.facts()
+        if local.reachable:
+            self._store_down_since = None
+        elif self._store_down_since is None:
+            self._store_down_since = time.monotonic()
         if local.slot_exists and self.state.role is ha.Role.STANDBY:
             await self._drop_stale_slot()
         view, lease = self.view, self.lease
@@ -273,6 +278,7 @@ class HaShell:
             daemon=_DAEMON_STATES[self.daemon.state],
             keys_present=self.keys.held,
             gate_open=self.gate.opened,
+            store_unreachable_since=self._store_down_since,
             switchover=None
             if view.switchover is None
             else ha.SwitchoverRequest(view.switchover.epoch, view.switchover.target),

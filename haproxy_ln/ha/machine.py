@@ -142,7 +142,21 @@ def _lost_leadership(ctx: _Ctx, epoch: int) -> str | None:
         return f"local store fenced at epoch {fence.epoch} by {fence.node}, above our {epoch}"
     if snap.sync_record is not None and snap.sync_record.epoch > epoch:
         return f"sync record is for epoch {snap.sync_record.epoch}, above our {epoch}"
+    lost = _primary_lost_at(ctx)
+    if lost is not None and ctx.now >= lost:
+        # The daemon can do nothing without its database: hand leadership to the
+        # standby, which may promote if the sync record names it.
+        return (
+            f"local PostgreSQL unreachable for {ctx.timing.primary_lost_after:g} s "
+            f"(since {snap.store_unreachable_since:.3f})"
+        )
     return None
+
+
+def _primary_lost_at(ctx: _Ctx) -> float | None:
+    """When a leader whose local PostgreSQL does not answer gives up; None: it answers."""
+    since = ctx.snap.store_unreachable_since
+    return None if since is None else since + ctx.timing.primary_lost_after
 
 
 def _fence(state: HaState, cause: str) -> _Goto:
@@ -254,6 +268,10 @@ def _lead(ctx: _Ctx, state: HaState) -> _Result | _Goto:
     if cause is not None:
         return _fence(state, cause)
     doing = "promoting" if state.role is Role.CANDIDATE else f"active at epoch {epoch}"
+    lost = _primary_lost_at(ctx)
+    if lost is not None:
+        reason = f"{doing}: waiting for the local PostgreSQL, which does not answer"
+        return _Result(state, (), reason, lost)
     if snap.store_fence is None or snap.store_fence.epoch < epoch:
         return _Result(state, (RaiseFence(epoch),), f"{doing}: raising the store fence to {epoch}")
     if snap.sync_record is None or snap.sync_record.epoch < epoch:

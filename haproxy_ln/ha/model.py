@@ -94,14 +94,15 @@ class Timing:
     keepalive_interval: float
     safety_margin: float
     degrade_after: float
+    primary_lost_after: float = 5.0  # local PostgreSQL unreachable this long: give up leading
 
     def __post_init__(self) -> None:
         if not (self.lease_ttl > 0 and self.safety_margin > 0 and self.keepalive_interval > 0):
             raise ValueError("lease_ttl, keepalive_interval and safety_margin must be > 0")
         if not self.safety_margin < self.lease_ttl - self.keepalive_interval:  # as config.py
             raise ValueError("keepalive_interval must be < lease_ttl - safety_margin")
-        if not self.degrade_after > 0:
-            raise ValueError("degrade_after must be > 0")
+        if not (self.degrade_after > 0 and self.primary_lost_after > 0):
+            raise ValueError("degrade_after and primary_lost_after must be > 0")
 
     def lease_deadline(self, keepalive_sent: float) -> float:
         """When a node whose last acknowledged keepalive was sent at `keepalive_sent`
@@ -205,6 +206,8 @@ class Snapshot:
     gate_open: bool  # the gate admits clients (the HA open/close, not replicator holds)
     switchover: SwitchoverRequest | None = None
     force_promotion: ForcePromotion | None = None
+    # Since when the local PostgreSQL cannot be reached; None: it answers.
+    store_unreachable_since: float | None = None
 
     @property
     def holds_anything(self) -> bool:

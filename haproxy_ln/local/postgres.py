@@ -192,6 +192,21 @@ class PostgresCluster(LocalServer):
         server.kill()
         server.close()
 
+    def kill(self) -> None:
+        """Crash the cluster: SIGKILL the postmaster and all its processes at once.
+
+        `start()` brings it back (with crash recovery). Idempotent; never raises.
+        """
+        server, self._server = self._server, None
+        if server is None:
+            return
+        # The supervisor started a new session: the postmaster and its children share
+        # its process group, so one signal takes them all, as a machine crash would.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(server.pid), signal.SIGKILL)
+        server.wait(10)
+        server.close()
+
     def psql(
         self,
         sql: str,
