@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from agent_harness import Node, check_one_signer, first, make_keys, wait_for
+
 from haproxy_ln.local import EtcdServer, PostgresCluster
 
 pytestmark = pytest.mark.slow
