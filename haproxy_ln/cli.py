@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -296,13 +297,50 @@ def log_command(
 
 
 @main.command()
-@click.option("--seconds", type=click.IntRange(1, 3600), default=10, show_default=True)
-@click.option("--clients", type=click.IntRange(1, 64), default=4, show_default=True)
-def demo(seconds: int, clients: int) -> None:
-    """Start a local PostgreSQL and the proxy in front of it; run pgbench through it."""
+@click.option(
+    "--seconds",
+    type=click.FloatRange(1, 3600),
+    default=5.0,
+    show_default=True,
+    help="Traffic before the failover (later phases run half as long).",
+)
+@click.option("--keep", is_flag=True, help="Leave the pair running until Ctrl-C, to explore.")
+@click.option("--json", "as_json", is_flag=True, help="End with a JSON summary line.")
+@click.option(
+    "--chart",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("haproxy-ln-demo.svg"),
+    show_default=True,
+    help="Where to write the timeline picture (SVG).",
+)
+def demo(seconds: float, keep: bool, as_json: bool, chart: Path) -> None:
+    """Run a pair on this machine: kill the active node, watch the failover, check that no
+    acknowledged write was lost, rejoin, switch back. Needs nothing configured."""
+    import json
+
     from haproxy_ln.demo import run_demo
 
-    raise SystemExit(run_demo(seconds, clients, lambda text: click.echo(f"* {text}", err=True)))
+    setup_logging("warning")
+    started = time.monotonic()
+    try:
+        summary = run_demo(seconds, keep, chart, lambda text: click.echo(text))
+    except HaproxyLnError as e:
+        click.echo(f"error: {e}", err=True)
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": str(e)}))
+        raise SystemExit(1) from None
+    click.echo("")
+    click.echo(f"failover (kill -9 of agent a to first write on b): {summary.failover_s} s")
+    click.echo(f"switchover (request to first write on a): {summary.switchover_s} s")
+    click.echo(
+        f"acknowledged writes: {summary.acked_writes}, lost: {summary.lost_writes}, "
+        f"split brain: {summary.split_brain}, one-signer overlaps: {summary.one_signer_overlaps}"
+    )
+    verdict = "OK" if summary.ok else "FAILED"
+    click.echo(f"demo {verdict} in {time.monotonic() - started:.0f} s")
+    if as_json:
+        click.echo(json.dumps(summary.as_json()))
+    raise SystemExit(0 if summary.ok else 1)
 
 
 @main.group()

@@ -356,6 +356,7 @@ class HaShell:
             case ha.WriteSyncRecord(epoch=epoch, node=node):
                 if not await self.coord.write_sync(epoch, node):
                     raise CoordError(f"the sync record was not written: epoch {epoch} is not ours")
+                self.events.emit("sync.record", epoch=epoch, replica=node)
             case ha.StartReplicating(epoch=epoch):
                 self._start_replicating(epoch)
             case ha.StopReplicating():
