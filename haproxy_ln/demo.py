@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -40,7 +39,13 @@ from haproxy_ln.config import load
 from haproxy_ln.demo_chart import Lane, Mark, write_svg
 from haproxy_ln.errors import HaproxyLnError
 from haproxy_ln.local import EtcdServer, PostgresCluster, scratch_dir
-from haproxy_ln.local.pair import AgentNode, holding_intervals, make_keys, one_signer_overlaps
+from haproxy_ln.local.pair import (
+    AgentNode,
+    holding_intervals,
+    make_keys,
+    one_signer_overlaps,
+    sim_daemon,
+)
 from haproxy_ln.sim.checker import CheckResult, check
 from haproxy_ln.sim.journal import read_journal
 
@@ -108,7 +113,7 @@ class Demo:
         kek, sealed = make_keys(self.base)
         self.say("sealed a random hsm_secret with a new key-encryption key")
         for node, peer in ((self.a, self.b), (self.b, self.a)):
-            text = node.write_config(peer, kek, sealed, self._daemon(node))
+            text = node.write_config(peer, kek, sealed, sim_daemon(node, self.journal(node), RATE))
             self.say(f"node {node.name}: configuration {node.config_path}")
             if node is self.a:
                 self.say("\n".join("    " + line for line in text.splitlines()))
@@ -117,13 +122,6 @@ class Demo:
         self.say("node a is active; starting node b")
         self.b.start()
         self.wait_sync(self.a, self.b, 0.0)
-
-    def _daemon(self, node: AgentNode) -> dict[str, object]:
-        command = [sys.executable, "-m", "haproxy_ln", "sim", "run", "--mode", "cln"]
-        command += ["--key-file", str(node.keys_dir / "hsm_secret"), "--dsn", node.proxy_dsn]
-        command += ["--journal", str(self.journal(node)), "--node", node.name]
-        command += ["--rate", str(RATE)]
-        return {"mode": "child", "command": command, "probe": "none", "stop_timeout": 10.0}
 
     # --- waiting and watching ---------------------------------------------------------------
 

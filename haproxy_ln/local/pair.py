@@ -33,7 +33,7 @@ from haproxy_ln.keys.tools import new_kek, seal_file
 from haproxy_ln.local.ports import free_port
 from haproxy_ln.local.postgres import PostgresCluster
 
-__all__ = ["PREFIX", "AgentNode", "make_keys", "one_signer_overlaps"]
+__all__ = ["PREFIX", "AgentNode", "make_keys", "one_signer_overlaps", "sim_daemon"]
 
 PREFIX = "/haproxy-ln/local"
 STOP_TIMEOUT = 40.0
@@ -50,6 +50,15 @@ def make_keys(base: Path) -> tuple[Path, Path]:
     seal_file(kek, secret, sealed)
     secret.unlink()
     return kek, sealed
+
+
+def sim_daemon(node: AgentNode, journal: Path, rate: float) -> dict[str, object]:
+    """A [daemon] table running the Lightning simulator (cln mode) as `node`'s daemon:
+    through its proxy, with its materialized hsm_secret, journaling to `journal`."""
+    command = [sys.executable, "-m", "haproxy_ln", "sim", "run", "--mode", "cln"]
+    command += ["--key-file", str(node.keys_dir / "hsm_secret"), "--dsn", node.proxy_dsn]
+    command += ["--journal", str(journal), "--node", node.name, "--rate", f"{rate:g}"]
+    return {"mode": "child", "command": command, "probe": "none", "stop_timeout": 10.0}
 
 
 @dataclass
