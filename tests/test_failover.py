@@ -1,9 +1,11 @@
 """Failover, switchover and rejoin with two real agents (issue 5).
 
-Uses the pair from tests/test_agent_ha.py's harness. Writes go through the
-active node's proxy; after each handover every acknowledged row must be on
-the new active (the journal checker of the simulator covers the daemon's
-pattern in test_demo; here plain rows keep the cause of a failure obvious).
+The daemon is the Lightning simulator in cln mode (through its node's
+proxy, journaling every acknowledged channel state); after each scenario
+the journal checker must find every acknowledged state on the active
+node's database (lost = 0, split brain = 0) and the one-signer check must
+pass. A few plain rows written through the proxy keep the cause of a
+failure obvious.
 """
 
 from __future__ import annotations
@@ -16,11 +18,21 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from agent_harness import Node, check_one_signer, first, make_keys, wait_for
+from agent_harness import check_one_signer, first, wait_for
 
 from haproxy_ln.local import EtcdServer, PostgresCluster
+from haproxy_ln.local.pair import AgentNode, make_keys, sim_daemon
+from haproxy_ln.sim.checker import check
 
 pytestmark = pytest.mark.slow
+
+RATE = 20.0
+
+
+class Node(AgentNode):
+    @property
+    def journal(self) -> Path:
+        return self.base.parent / f"journal-{self.name}"
 
 
 @pytest.fixture
@@ -32,13 +44,29 @@ def pair(
     b = Node("b", tmp_path / "b", pg_pair[1], etcd.endpoint)
     for node in (a, b):
         node.base.mkdir()
-    a.write_config(b, kek, sealed)
-    b.write_config(a, kek, sealed)
+    a.write_config(b, kek, sealed, sim_daemon(a, a.journal, RATE))
+    b.write_config(a, kek, sealed, sim_daemon(b, b.journal, RATE))
     try:
         yield a, b
     finally:
         for node in (a, b):
             node.stop()
+
+
+def check_journals(active: Node, *nodes: Node) -> None:
+    """Every state the simulated daemon acknowledged is on `active`'s database; one signer."""
+    journals = [n.journal for n in nodes if n.journal.exists()]
+    result = check(journals, active.pg.dsn())
+    assert result.acked > 0
+    assert result.ok, result.to_dict()
+    check_one_signer(*nodes)
+
+
+def acked_after(node: Node, after: float) -> bool:
+    from haproxy_ln.sim.journal import read_journal
+
+    records = read_journal(node.journal) if node.journal.exists() else []
+    return any(r.kind == "ack" and r.mono >= after for r in records)
 
 
 def synchronous(active: Node, standby: Node) -> bool:
@@ -104,7 +132,7 @@ def test_switchover_both_ways_loses_no_write(pair: tuple[Node, Node]) -> None:
     write(a, 3)
     wait_sync(a, b)
     assert rows(a) == rows(b) == {1, 2, 3}
-    check_one_signer(a, b)
+    check_journals(a, a, b)
 
 
 def test_old_active_rejoins_as_standby_and_the_pair_returns_to_sync(
@@ -122,7 +150,8 @@ def test_old_active_rejoins_as_standby_and_the_pair_returns_to_sync(
     assert rows(a) == rows(b) == {1, 2}
     write(b, 3)
     assert rows(a) == {1, 2, 3}  # synchronous: on a before b acknowledged it
-    check_one_signer(a, b)
+    wait_for("b's daemon to write", lambda: acked_after(b, time.monotonic() - 0.5), 30, b)
+    check_journals(b, a, b)
 
 
 TIMELINE_STEPS = (
@@ -157,7 +186,8 @@ def test_failover_after_kill_9_of_the_active_postgresql(pair: tuple[Node, Node])
     takeover_timeline(b, killed)
     write(b, 2)
     assert rows(b) == {1, 2}
-    check_one_signer(a, b)
+    wait_for("b's daemon to write", lambda: acked_after(b, killed), 30, b)
+    check_journals(b, a, b)
 
 
 def test_failover_after_a_clean_stop_needs_no_lease_wait(pair: tuple[Node, Node]) -> None:
@@ -172,4 +202,25 @@ def test_failover_after_a_clean_stop_needs_no_lease_wait(pair: tuple[Node, Node]
     assert isinstance(timeline["daemon_ready"], float)
     write(b, 2)
     assert rows(b) == {1, 2}
-    check_one_signer(a, b)
+    wait_for("b's daemon to write", lambda: acked_after(b, stopped), 30, b)
+    check_journals(b, a, b)
+
+
+def test_rejoin_of_a_diverged_old_active_discards_what_the_new_primary_lacks(
+    pair: tuple[Node, Node],
+) -> None:
+    """a commits locally what never reached b (its agent, and so its replicator, is dead):
+    when a rejoins, that row must not survive: a is re-copied from b."""
+    a, b = pair
+    start_pair(a, b)
+    write(a, 1)
+    killed = a.kill()
+    a.pg.psql("SET synchronous_commit = local; INSERT INTO acked VALUES (99)")
+    assert rows(a) == {1, 99}
+    wait_for("b's daemon", lambda: first(b, "daemon.ready", killed) is not None, 30, b)
+    write(b, 2)
+    a.start()
+    wait_sync(b, a)
+    assert rows(a) == rows(b) == {1, 2}
+    wait_for("b's daemon to write", lambda: acked_after(b, killed), 30, b)
+    check_journals(b, a, b)
