@@ -1,4 +1,4 @@
-"""Throwaway etcd members for tests and the demo.
+"""Throwaway etcd members and clusters for tests, the demo and the chaos suite.
 
 How this works: `EtcdServer.start()` picks free loopback client and peer
 ports, runs /usr/bin/etcd in the foreground under a `Supervised` lifeline
@@ -6,12 +6,15 @@ ports, runs /usr/bin/etcd in the foreground under a `Supervised` lifeline
 `/health` on the client URL until the member reports healthy and the member
 list shows our peer URL (so a stranger on the port is not mistaken for us).
 `stop()` cuts the lifeline: the supervisor sends SIGTERM, then SIGKILL after
-a grace period.
+a grace period; `kill()` is SIGKILL at once (a crash).
 
-Only a single-member cluster is implemented. The member's place in a cluster
-is described by `_initial_cluster()` and `--initial-cluster-state new`; a
-3-member cluster would pick all peer ports first and pass every member's
-`name=peer_url` pair there.
+On its own an `EtcdServer` is a single-member cluster. `EtcdCluster(base,
+size=3)` picks every member's two ports first, gives each member the whole
+`name=peer_url` list as `--initial-cluster`, spawns them all (a member is
+healthy only once a quorum has elected a leader, so they cannot be started
+one by one) and then waits for each. A killed member is started again with
+`start()`: its data directory makes etcd rejoin instead of bootstrapping.
+`leader()` asks each running member's `/v3/maintenance/status` who leads.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ def etcd_binary() -> str:
 
 
 class EtcdServer(LocalServer):
-    """One single-member etcd cluster living in `base_dir` (created if missing)."""
+    """One etcd member living in `base_dir` (created if missing): on its own a
+    single-member cluster; `EtcdCluster` makes members of a larger one."""
 
     def __init__(self, base_dir: Path, *, name: str = "etcd0") -> None:
         self.base_dir = Path(base_dir).absolute()
@@ -56,6 +60,7 @@ class EtcdServer(LocalServer):
         self.log_path = self.base_dir / f"{name}.log"
         self._client_port, self._peer_port = free_ports(2)
         self._server: Supervised | None = None
+        self._cluster: tuple[str, str] | None = None  # (initial cluster, token) of a member
 
     @property
     def endpoint(self) -> str:
@@ -100,6 +105,25 @@ class EtcdServer(LocalServer):
         if server is not None:
             server.close()
 
+    def kill(self) -> None:
+        """Crash this member: SIGKILL now. `start()` brings it back. Idempotent; never raises."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.kill()
+            server.close()
+
+    @property
+    def member_id(self) -> str | None:
+        """This member's id as etcd reports it (decimal), or None if it does not answer."""
+        header = self._call("/v3/maintenance/status", b"{}").get("header")
+        member = header.get("member_id") if isinstance(header, dict) else None
+        return str(member) if member is not None else None
+
+    def leader_id(self) -> str | None:
+        """The id of the member this one follows as leader, or None if it does not answer."""
+        leader = self._call("/v3/maintenance/status", b"{}").get("leader")
+        return str(leader) if leader not in (None, "0", 0) else None
+
     def log_tail(self, n: int = 40) -> str:
         """The last `n` lines of the etcd log ("" if there is none yet)."""
         return read_log(self.log_path, tail=n)
@@ -108,13 +132,16 @@ class EtcdServer(LocalServer):
         """Run etcd until it is healthy; a fresh member retries on new ports if one is taken."""
         for attempt in range(1, START_ATTEMPTS + 1):
             offset = log_size(self.log_path)
-            self._server = Supervised(
-                [etcd_binary(), *self._args()],
-                log=self.log_path,
-                cwd=self.base_dir,
-                stop_signals=(signal.SIGTERM, signal.SIGKILL),
-                grace=STOP_GRACE,
-            )
+            if self._cluster is not None:  # a member: the cluster picks ports and retries
+                self._spawn()
+                if self._wait_healthy():
+                    return
+                self.stop()
+                raise LocalServerError(
+                    f"etcd member {self.name} did not become healthy on {self.endpoint}; "
+                    f"log ends with:\n{self.log_tail(30)}"
+                )
+            self._spawn()
             if self._wait_healthy():
                 return
             self.stop()
@@ -127,8 +154,20 @@ class EtcdServer(LocalServer):
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self._client_port, self._peer_port = free_ports(2)
 
+    def _spawn(self) -> None:
+        self._server = Supervised(
+            [etcd_binary(), *self._args()],
+            log=self.log_path,
+            cwd=self.base_dir,
+            stop_signals=(signal.SIGTERM, signal.SIGKILL),
+            grace=STOP_GRACE,
+        )
+
     def _initial_cluster(self) -> str:
-        return f"{self.name}={self.peer_url}"
+        return self._cluster[0] if self._cluster else f"{self.name}={self.peer_url}"
+
+    def _token(self) -> str:
+        return self._cluster[1] if self._cluster else f"haproxy-ln-{self.name}-{self._peer_port}"
 
     def _args(self) -> list[str]:
         return [
@@ -140,7 +179,7 @@ class EtcdServer(LocalServer):
             f"--initial-advertise-peer-urls={self.peer_url}",
             f"--initial-cluster={self._initial_cluster()}",
             "--initial-cluster-state=new",
-            f"--initial-cluster-token=haproxy-ln-{self.name}-{self._peer_port}",
+            f"--initial-cluster-token={self._token()}",
             "--logger=zap",
             "--log-outputs=stderr",
         ]
@@ -172,3 +211,81 @@ class EtcdServer(LocalServer):
                 return True
             time.sleep(0.05)
         return False
+
+
+class EtcdCluster(LocalServer):
+    """`size` etcd members on loopback, in `base_dir`; see the module docstring."""
+
+    def __init__(self, base_dir: Path, size: int = 3) -> None:
+        if size < 1:
+            raise ValueError("an etcd cluster needs at least one member")
+        self.base_dir = Path(base_dir).absolute()
+        self.members = [EtcdServer(self.base_dir, name=f"etcd{i}") for i in range(size)]
+        self._assign_ports()
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every member's client endpoint, "127.0.0.1:port"."""
+        return [m.endpoint for m in self.members]
+
+    def start(self) -> None:
+        """Start every member that is not running and wait until all are healthy.
+
+        A fresh cluster whose ports were taken meanwhile is retried on new
+        ones. Raises `LocalServerError` (with the failing member's log tail).
+        """
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        fresh = not any(m.data_dir.exists() for m in self.members)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            offsets = [log_size(m.log_path) for m in self.members]
+            try:
+                for member in self.members:
+                    if member.pid is None:
+                        member._spawn()
+                for member in self.members:
+                    if not member._wait_healthy():
+                        raise LocalServerError(
+                            f"etcd member {member.name} did not become healthy on "
+                            f"{member.endpoint}; log ends with:\n{member.log_tail(30)}"
+                        )
+                return
+            except LocalServerError:
+                self.stop()
+                taken = any(
+                    "address already in use" in read_log(m.log_path, offset)
+                    for m, offset in zip(self.members, offsets, strict=True)
+                )
+                if not (taken and fresh and attempt < START_ATTEMPTS):
+                    raise
+                for member in self.members:
+                    shutil.rmtree(member.data_dir, ignore_errors=True)
+                self._assign_ports()
+            except BaseException:
+                self.stop()
+                raise
+
+    def stop(self) -> None:
+        """Stop every member. Idempotent; never raises."""
+        for member in self.members:
+            member.stop()
+
+    def leader(self) -> EtcdServer | None:
+        """The member that leads now (as a running member reports it), or None."""
+        by_id = {m.member_id: m for m in self.members if m.pid is not None}
+        for member in by_id.values():
+            leader = member.leader_id()
+            if leader is not None and leader in by_id:
+                return by_id[leader]
+        return None
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(f"--- {m.name} ---\n{m.log_tail(n)}" for m in self.members)
+
+    def _assign_ports(self) -> None:
+        ports = free_ports(2 * len(self.members))
+        for i, member in enumerate(self.members):
+            member._client_port, member._peer_port = ports[2 * i], ports[2 * i + 1]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        token = f"haproxy-ln-cluster-{ports[1]}"
+        for member in self.members:
+            member._cluster = (initial, token)
