@@ -51,6 +51,7 @@ __all__ = [
     "DaemonConfig",
     "EtcdConfig",
     "HaConfig",
+    "HealthConfig",
     "HostPort",
     "KeysConfig",
     "NodeConfig",
@@ -253,6 +254,11 @@ class NodeConfig(_Section):
         default=None,
         pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
         description='the other node\'s name, e.g. "b" (unset: no peer, this node runs alone)',
+    )
+    peer_health: HostPort | None = Field(
+        default=None,
+        description="HOST:PORT of the peer's health server ([health] listen there), which "
+        "`haproxy-ln status` asks for the peer's /status (unset: the peer is shown from etcd only)",
     )
     event_log: str = Field(
         default="/var/lib/haproxy-ln/events.jsonl",
@@ -949,6 +955,16 @@ class HaConfig(_Section):
         )
 
 
+class HealthConfig(_Section):
+    """[health]: the HTTP server for load balancers and monitoring (docs/health.md)."""
+
+    listen: HostPort = Field(
+        default=HostPort("0.0.0.0", 8008),
+        description="HOST:PORT of the health and metrics server (/health, /active, /standby, "
+        "/status, /metrics); it changes nothing on the node, but /status tells who is active",
+    )
+
+
 class Config(_Section):
     """One node's whole configuration file."""
 
@@ -961,6 +977,7 @@ class Config(_Section):
     etcd: EtcdConfig = Field(default_factory=EtcdConfig, description="the [etcd] table")
     keys: KeysConfig = Field(default_factory=KeysConfig, description="the [keys] table")
     ha: HaConfig = Field(default_factory=HaConfig, description="the [ha] table")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="the [health] table")
 
 
 # --- errors ----------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ lease_ttl = 2.0
 safety_margin = 0.5
 degrade_after = 5.0
 primary_lost_after = 5.0
+
+[health]
+listen = "0.0.0.0:8008"
 """
 
 ALLOWED_PROXY_KEYS = (
@@ -128,8 +131,9 @@ def test_example_names_every_key() -> None:
     data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
     assert set(data) == set(Config.model_fields)
     # peer's default is "unset", which TOML cannot write: the example shows it commented out.
-    assert set(data["node"]) | {"peer"} == set(NodeConfig.model_fields)
+    assert set(data["node"]) | {"peer", "peer_health"} == set(NodeConfig.model_fields)
     assert '# peer = "b"' in EXAMPLE.read_text(encoding="utf-8")
+    assert '# peer_health = "' in EXAMPLE.read_text(encoding="utf-8")
     assert set(data["proxy"]) == set(ProxyConfig.model_fields)
 
 
@@ -212,14 +216,14 @@ def test_models_are_frozen() -> None:
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     assert problems_for(tmp_path, 'colour = "blue"\n[node]\nname = "a"\n') == [
         "colour: unknown key; allowed keys at top level: "
-        "daemon, etcd, ha, keys, node, proxy, replication"
+        "daemon, etcd, ha, health, keys, node, proxy, replication"
     ]
 
 
 def test_unknown_section(tmp_path: Path) -> None:
     assert problems_for(tmp_path, '[node]\nname = "a"\n[proxi]\nlisten = "x"\n') == [
         "proxi: unknown key; allowed keys at top level: "
-        "daemon, etcd, ha, keys, node, proxy, replication"
+        "daemon, etcd, ha, health, keys, node, proxy, replication"
     ]
 
 
@@ -701,7 +705,7 @@ def test_cli_check_config_lists_every_problem(tmp_path: Path) -> None:
         "  - proxy.listen: got 'localhost'; expected HOST:PORT with port 1..65535; "
         "no ':PORT' given\n"
         "  - bogus: unknown key; allowed keys at top level: "
-        "daemon, etcd, ha, keys, node, proxy, replication\n"
+        "daemon, etcd, ha, health, keys, node, proxy, replication\n"
     )
 
 
