@@ -37,6 +37,7 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import JsonSchemaValue
@@ -978,6 +979,35 @@ class Config(_Section):
     keys: KeysConfig = Field(default_factory=KeysConfig, description="the [keys] table")
     ha: HaConfig = Field(default_factory=HaConfig, description="the [ha] table")
     health: HealthConfig = Field(default_factory=HealthConfig, description="the [health] table")
+
+    @model_validator(mode="after")
+    def _keepalive_answered_before_fence(self) -> Config:
+        # Runs only once every section is valid. The keepalive due keepalive_interval
+        # after the last acknowledged one is bounded by [etcd] request_timeout; an answer
+        # that etcd may take that long to give must still come before the leader fences
+        # itself at last keepalive sent + lease_ttl - safety_margin.
+        timing = self.ha.timing()
+        window = timing.lease_ttl - timing.safety_margin - timing.keepalive_interval
+        timeout = self.etcd.request_timeout
+        if timeout < window:
+            return self
+        unset = " (unset: lease_ttl / 3)" if self.ha.keepalive_interval is None else ""
+        error = PydanticCustomError(
+            "keepalive_answer_too_late",
+            "expected {expected}; {reason}",
+            {
+                "expected": "a number of seconds below [ha] lease_ttl - safety_margin - "
+                f"keepalive_interval ({_seconds(timing.lease_ttl)} - "
+                f"{_seconds(timing.safety_margin)} - {_seconds(timing.keepalive_interval)}"
+                f"{unset} = {_seconds(window)})",
+                "reason": "a keepalive that etcd answers within request_timeout must still "
+                "renew the lease before the leader fences itself: lower request_timeout, "
+                "safety_margin or keepalive_interval, or raise lease_ttl",
+            },
+        )
+        raise ValidationError.from_exception_data(
+            "Config", [{"type": error, "loc": ("etcd", "request_timeout"), "input": timeout}]
+        )
 
 
 # --- errors ----------------------------------------------------------------------------------

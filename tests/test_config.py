@@ -525,7 +525,11 @@ def test_ha_timing_defaults_keepalive_to_a_third_of_the_ttl(tmp_path: Path) -> N
 
 
 def test_ha_timing_just_leaving_one_renewal_is_fine(tmp_path: Path) -> None:
-    text = '[node]\nname = "a"\n[ha]\nkeepalive_interval = 1.0\nsafety_margin = 0.99\n'
+    # 0.01 s between the next keepalive and the fence: etcd must answer within that
+    text = (
+        '[node]\nname = "a"\n[etcd]\nrequest_timeout = 0.005\n'
+        "[ha]\nkeepalive_interval = 1.0\nsafety_margin = 0.99\n"
+    )
     timing = load(write(tmp_path, text)).ha.timing()
     assert timing.lease_deadline(10.0) == 11.01
     assert timing.keepalive_interval < timing.lease_ttl - timing.safety_margin
@@ -571,6 +575,57 @@ HA_MARGIN_FIX = (
 )
 def test_bad_ha_timing(tmp_path: Path, body: str, problem: str) -> None:
     assert ha_problems(tmp_path, body) == [problem]
+
+
+KEEPALIVE_ANSWER_FIX = (
+    "a keepalive that etcd answers within request_timeout must still renew the lease "
+    "before the leader fences itself: lower request_timeout, safety_margin or "
+    "keepalive_interval, or raise lease_ttl"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (
+            "[etcd]\nrequest_timeout = 0.9",  # the defaults leave 0.833 s
+            "etcd.request_timeout: got 0.9; expected a number of seconds below [ha] lease_ttl - "
+            "safety_margin - keepalive_interval (2 s - 0.5 s - 0.667 s (unset: lease_ttl / 3) "
+            f"= 0.833 s); {KEEPALIVE_ANSWER_FIX}",
+        ),
+        (
+            "[etcd]\nrequest_timeout = 0.5\n[ha]\nlease_ttl = 1\nsafety_margin = 0.4",
+            "etcd.request_timeout: got 0.5; expected a number of seconds below [ha] lease_ttl - "
+            "safety_margin - keepalive_interval (1 s - 0.4 s - 0.333 s (unset: lease_ttl / 3) "
+            f"= 0.267 s); {KEEPALIVE_ANSWER_FIX}",
+        ),
+        (
+            "[ha]\nkeepalive_interval = 1.0",  # the default request_timeout no longer fits
+            "etcd.request_timeout: got 0.5; expected a number of seconds below [ha] lease_ttl - "
+            "safety_margin - keepalive_interval (2 s - 0.5 s - 1 s = 0.5 s); "
+            + KEEPALIVE_ANSWER_FIX,
+        ),
+    ],
+)
+def test_keepalive_answer_must_fit_before_the_fence(
+    tmp_path: Path, body: str, problem: str
+) -> None:
+    assert problems_for(tmp_path, f'[node]\nname = "a"\n{body}\n') == [problem]
+
+
+def test_keepalive_answer_just_before_the_fence_is_fine(tmp_path: Path) -> None:
+    text = '[node]\nname = "a"\n[etcd]\nrequest_timeout = 0.83\n'
+    config = load(write(tmp_path, text))
+    timing = config.ha.timing()
+    assert timing.keepalive_interval + config.etcd.request_timeout < timing.lease_deadline(0.0)
+
+
+def test_keepalive_answer_rule_waits_for_valid_sections(tmp_path: Path) -> None:
+    # an invalid [ha] is reported alone, not again through the rule that combines them
+    problems = problems_for(
+        tmp_path, '[node]\nname = "a"\n[etcd]\nrequest_timeout = 5\n[ha]\nlease_ttl = 0\n'
+    )
+    assert problems == ["ha.lease_ttl: got 0; expected a number >= 1 and <= 300"]
 
 
 def test_toml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
