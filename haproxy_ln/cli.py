@@ -226,6 +226,26 @@ def switchover_command(config_file: Path, target: str | None, timeout: float) ->
     run_trio(job)
 
 
+@main.command("status")
+@click.option(
+    "--config", "config_file", type=CONFIG_FILE, required=True, help="A node's configuration."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status_command(config_file: Path, as_json: bool) -> None:
+    """Show both nodes of the pair: etcd's leader and sync record, and each node's /status
+    (this node's at [health] listen, the peer's at [node] peer_health). Exit 1 if etcd
+    cannot be read."""
+    import json
+
+    from haproxy_ln.health.status import gather, render_table
+
+    config = load_or_exit(config_file)
+    setup_logging("error")
+    pair = trio.run(gather, config)
+    click.echo(json.dumps(pair.as_json(), indent=2) if as_json else render_table(pair))
+    raise SystemExit(0 if pair.etcd.get("reachable") else 1)
+
+
 @main.command()
 @replication_options
 @click.option("--mode", type=click.Choice(["sync", "strict"]), help="On stop: sync stops waiting.")

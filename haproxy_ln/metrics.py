@@ -39,3 +39,13 @@ INITIAL_COPY_TABLES_LEFT = Gauge(
     "Tables an initial copy still has to copy",
     registry=REGISTRY,
 )
+TAKEOVERS = Counter(
+    "haproxy_ln_takeovers",
+    "Times this node became the active node (first start, failover or switchover)",
+    registry=REGISTRY,
+)
+SELF_FENCES = Counter(
+    "haproxy_ln_self_fences",
+    "Times this node fenced itself (lost or could not renew its leadership)",
+    registry=REGISTRY,
+)

@@ -3,8 +3,9 @@
 How this works: services start in this order, each only once the one
 before is up: the safety event log; key custody, which removes secrets a
 killed agent left behind; the store bridge; etcd (`coord`); the gate,
-closed; the proxy behind it; the daemon supervisor; then the HA shell (its
-lease keepalive, its etcd watch and its loop), the systemd watchdog and
+closed; the proxy behind it; the daemon supervisor; the health and
+metrics server (`[health] listen`); then the HA shell (its lease
+keepalive, its etcd watch and its loop), the systemd watchdog and
 READY=1. SIGTERM or SIGINT stops the node: gate closed, daemon stopped,
 keys destroyed, replicator stopped, leader key released and lease revoked
 (so the peer takes over at once instead of after the TTL), in that order.
@@ -27,6 +28,7 @@ from haproxy_ln.daemon.sdnotify import SystemdNotifier, run_watchdog
 from haproxy_ln.daemon.supervisor import open_supervisor
 from haproxy_ln.errors import CoordError, DaemonFailed, HaproxyLnError
 from haproxy_ln.events import EventLog
+from haproxy_ln.health.server import run_health
 from haproxy_ln.keys import custody_from_config
 from haproxy_ln.proxy.gate import Gate
 from haproxy_ln.proxy.server import Proxy
@@ -57,6 +59,7 @@ async def run_agent(config: Config) -> None:
             await nursery.start(proxy.serve)
             async with open_supervisor(config.daemon, events) as daemon:
                 shell = HaShell(config, coord, local, gate, daemon, keys, events, nursery, notifier)
+                await nursery.start(run_health, config, shell, proxy)
                 async with trio.open_nursery() as ha_tasks:
                     ha_tasks.start_soon(shell.keepalive)
                     ha_tasks.start_soon(shell.watch)

@@ -28,7 +28,7 @@ import time
 
 import trio
 
-from haproxy_ln import ha
+from haproxy_ln import ha, metrics
 from haproxy_ln.agent.local import LocalStore
 from haproxy_ln.config import Config
 from haproxy_ln.coord import Coord
@@ -156,6 +156,10 @@ class HaShell:
             self.timeline = [("detected", now)]
         elif state.role is ha.Role.ACTIVE and self.timeline:
             self._finish_timeline(now)
+        if state.role is ha.Role.ACTIVE:
+            metrics.TAKEOVERS.inc()
+        elif state.role is ha.Role.FENCED:
+            metrics.SELF_FENCES.inc()
         self.events.emit(
             f"ha.{state.role.value}",
             epoch=state.epoch,

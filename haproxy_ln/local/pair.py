@@ -72,6 +72,7 @@ class AgentNode:
     dbname: str = "postgres"
     proc: subprocess.Popen[bytes] | None = None
     proxy_port: int = field(default_factory=free_port)
+    health_port: int = field(default_factory=free_port)
 
     @property
     def config_path(self) -> Path:
@@ -88,6 +89,11 @@ class AgentNode:
     @property
     def keys_dir(self) -> Path:
         return self.base / "keys"
+
+    @property
+    def health_url(self) -> str:
+        """This node's health server ([health] listen), e.g. health_url + "/status"."""
+        return f"http://127.0.0.1:{self.health_port}"
 
     @property
     def proxy_dsn(self) -> str:
@@ -107,7 +113,12 @@ class AgentNode:
         `daemon` is the [daemon] table; `sections` override other tables' keys.
         """
         config: dict[str, dict[str, object]] = {
-            "node": {"name": self.name, "peer": peer.name, "event_log": str(self.events_path)},
+            "node": {
+                "name": self.name,
+                "peer": peer.name,
+                "peer_health": f"127.0.0.1:{peer.health_port}",
+                "event_log": str(self.events_path),
+            },
             "proxy": {
                 "listen": f"127.0.0.1:{self.proxy_port}",
                 "upstream": f"127.0.0.1:{self.pg.port}",
@@ -126,6 +137,7 @@ class AgentNode:
                 "runtime_dir": str(self.keys_dir),
             },
             "daemon": daemon,
+            "health": {"listen": f"127.0.0.1:{self.health_port}"},
         }
         for name, values in sections.items():
             config[name] = {**config.get(name, {}), **values}
