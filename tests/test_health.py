@@ -23,10 +23,12 @@ from typing import Any
 import pytest
 import trio
 from agent_harness import Node, first, make_keys, wait_for
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 from test_purity import FORBIDDEN, imported_by, module_file, with_parents
 
+from haproxy_ln.cli import main
 from haproxy_ln.config import HostPort, ReplicationConfig
 from haproxy_ln.ha import Role
 from haproxy_ln.health import rules
@@ -336,6 +338,21 @@ async def test_each_path_answers_by_role(path: str, on_active: int, on_standby: 
     assert (await call(make_app(standby_report()), path))[0] == on_standby
 
 
+async def test_only_a_standbys_checks_and_the_reports_read_the_databases() -> None:
+    for report, path, reads in (
+        (active_report(), "/health", 0),
+        (active_report(), "/active", 0),
+        (active_report(), "/standby", 0),
+        (standby_report(), "/active", 0),
+        (standby_report(), "/standby", 1),
+        (active_report(), "/status", 1),
+        (active_report(), "/metrics", 1),
+    ):
+        source = FakeSource(report)
+        await call(HealthApp(source, CollectorRegistry()), path)
+        assert source.reads == reads, (report.role, path)
+
+
 async def test_head_answers_like_get_without_a_body() -> None:
     app = make_app(standby_report())
     for path in ("/health", "/active", "/standby", "/status", "/metrics"):
@@ -543,6 +560,28 @@ def test_status_table_shows_both_nodes_and_who_cannot_be_asked() -> None:
     assert lines[2].split()[:5] == ["a", "active", "7", "ready", "open"]
     assert lines[3].split()[:2] == ["b", "unreachable"]
     assert lines[3].endswith("[node] peer_health is not set")
+
+
+def test_status_cli_says_what_it_could_not_reach_and_exits_1_without_etcd(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[node]\nname = "a"\npeer = "b"\n'
+        f'[etcd]\nendpoints = ["127.0.0.1:{free_port()}"]\nrequest_timeout = 0.2\n'
+        f'[health]\nlisten = "0.0.0.0:{free_port()}"\n'
+    )
+    result = CliRunner().invoke(main, ["status", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("etcd: unreachable: ")
+    assert lines[2].split()[:2] == ["a", "unreachable"] and "http://127.0.0.1:" in lines[2]
+    assert lines[3].split()[:2] == ["b", "unreachable"]
+    assert lines[3].endswith("[node] peer_health is not set")
+    as_json = CliRunner().invoke(main, ["status", "--config", str(config), "--json"])
+    shown = json.loads(as_json.output)
+    assert shown["etcd"]["reachable"] is False
+    assert [(n["node"], n["reachable"]) for n in shown["nodes"]] == [("a", False), ("b", False)]
 
 
 # --- two real agents ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from urllib.parse import parse_qs
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
+from haproxy_ln.ha import Role
 from haproxy_ln.health import rules
 from haproxy_ln.health.collect import ReportSource
 
@@ -94,7 +95,10 @@ class HealthApp:
             except ValueError as e:
                 # A broken check must not route traffic here: 503, saying why.
                 return 503, TEXT, f"{e}\n".encode()
-            verdict = rules.standby(await self.source.report(), limit)
+            report = self.source.report_now()
+            if report.role is Role.STANDBY:  # only a standby's answer depends on the databases
+                report = await self.source.report()
+            verdict = rules.standby(report, limit)
         elif path == "/active":
             verdict = rules.active(await self.source.report(replication=False))
         else:

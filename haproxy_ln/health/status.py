@@ -147,7 +147,9 @@ def _lag(report: dict[str, Any]) -> str:
     lag_bytes, lag_seconds = replication.get("lag_bytes"), replication.get("lag_seconds")
     if lag_bytes is None and lag_seconds is None:
         return "?"
-    return f"{'?' if lag_bytes is None else lag_bytes} B / {lag_seconds or 0:.3f} s"
+    shown_bytes = "?" if lag_bytes is None else f"{lag_bytes}"
+    shown_seconds = "?" if lag_seconds is None else f"{lag_seconds:.3f}"
+    return f"{shown_bytes} B / {shown_seconds} s"
 
 
 def render_table(pair: PairStatus) -> str:
