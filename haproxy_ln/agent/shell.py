@@ -99,6 +99,10 @@ class HaShell:
         self.etcd_reachable = False
         self.view = CoordView(None, None, None, 0)
         self.primary_epoch: int | None = None
+        # MaterializeKeys done: the daemon may start. `keys.held` alone cannot say so for
+        # lnd (held only once unlocked, beside the start) or "none" (never held): the loop
+        # asked for the keys forever and no daemon started (found by the chaos suite).
+        self.keys_ready = False
         self.replicator: Replicator | None = None
         self._replicator_scope: trio.CancelScope | None = None
         self._replica_down_since: float | None = None
@@ -280,7 +284,7 @@ class HaShell:
             replication=self._replica_facts(local.sync_state),
             sync_standby_names_set=local.sync_standby_names_set,
             daemon=_DAEMON_STATES[self.daemon.state],
-            keys_present=self.keys.held,
+            keys_present=self.keys.held or self.keys_ready,
             gate_open=self.gate.opened,
             store_unreachable_since=self._store_down_since,
             switchover=None
@@ -336,6 +340,7 @@ class HaShell:
                 await self.daemon.kill("self-fence or lost leadership")
             case ha.DestroyKeys():
                 await self.keys.destroy()
+                self.keys_ready = False
             case ha.CloseGate(reason=reason, leader=leader):
                 self.gate.close(reason, leader)
             case ha.OpenGate():
@@ -367,6 +372,7 @@ class HaShell:
                 self.stop_replicating()
             case ha.MaterializeKeys():
                 await self.keys.materialize()
+                self.keys_ready = True
                 self.timeline.append(("keys materialized", time.monotonic()))
             case ha.StartDaemon():
                 self._nursery.start_soon(self._start_daemon)

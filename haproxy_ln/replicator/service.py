@@ -305,7 +305,7 @@ class Replicator:
                 except trio.WouldBlock:
                     break
             started = time.perf_counter()
-            await bridge.call(applier.apply_batch, batch)
+            await self._apply_watched(applier, store, batch)
             metrics.REPLICATION_APPLY_SECONDS.observe(time.perf_counter() - started)
             metrics.REPLICATION_BATCH_SIZE.observe(len(batch))
             metrics.REPLICATED_TRANSACTIONS.inc(len(batch))
@@ -317,6 +317,63 @@ class Replicator:
             if self.config.txlog_retention_days and time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_INTERVAL
                 await bridge.call(_prune_txlog, store, self.config.txlog_retention_days)
+
+    async def _apply_watched(
+        self, applier: Applier, store: bridge.Connection, batch: list[Record]
+    ) -> None:
+        """Apply `batch`, watched: raises ReplicationError if the replica store stops
+        answering or its session stalls, instead of waiting forever.
+
+        Over a link that drops packets (a partition, a firewall) nothing ever
+        errors: the apply waited forever, so the replicator still counted as
+        streaming, the HA loop never degraded and every commit waited (found
+        by the chaos suite, partition-replica-link). Bytes dropped before a
+        heal leave the session waiting for an answer that will not come. A
+        slow apply is still allowed: see `_stalled`.
+        """
+        pid = store.get_server_pid()
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                while True:
+                    await trio.sleep(self.config.connect_timeout)
+                    stalled = await self._stalled(pid)
+                    if stalled is not None:
+                        raise ReplicationError(stalled)
+
+            nursery.start_soon(watch)
+            await bridge.call(applier.apply_batch, batch)
+            nursery.cancel_scope.cancel()
+
+    async def _stalled(self, pid: int) -> str | None:
+        """Why the apply session `pid` cannot finish, or None while it may: asked on a
+        fresh connection, the replica store must answer within connect_timeout, and the
+        session must be working (`active`, perhaps waiting for a lock) or have been
+        waiting for us for less than connect_timeout."""
+        timeout = self.config.connect_timeout
+        try:
+            conn = await bridge.connect(self._replica, timeout=timeout)
+        except ReplicationError as e:
+            return f"the replica store stopped answering during an apply: {e}"
+        try:
+            with trio.move_on_after(timeout):
+                row = await bridge.call(
+                    conn.fetchrow,
+                    "SELECT state, extract(epoch FROM now() - state_change)::float8 AS waited "
+                    "FROM pg_stat_activity WHERE pid = $1",
+                    pid,
+                )
+                if row is None:
+                    return "the replica store's apply session is gone"
+                if row["state"] != "active" and row["waited"] > timeout:
+                    return (
+                        f"the replica store's apply session has waited {row['waited']:.1f} s "
+                        f"for us ({row['state']}): our messages or its answers were lost"
+                    )
+                return None
+            return f"the replica store did not answer within {timeout} s during an apply"
+        finally:
+            await bridge.close(conn)
 
     async def _tick(self, wal: WalSenderConnection, confirmation: Confirmation) -> None:
         while True:

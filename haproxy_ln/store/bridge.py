@@ -12,9 +12,10 @@ cancelled service still ends its replica sessions cleanly.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 import trio
@@ -38,9 +39,22 @@ SESSION_SETTINGS = {**TEXT_SETTINGS, "haproxy_ln.internal": "on"}
 
 @asynccontextmanager
 async def open_bridge() -> AsyncIterator[None]:
-    """Run an asyncio loop for the stores until the block ends."""
-    async with trio_asyncio.open_loop():
+    """Run an asyncio loop for the stores until the block ends.
+
+    Errors nobody awaits (asyncio's "Task was destroyed but it is pending!",
+    "Task exception was never retrieved": grpc.aio leaves such tasks behind
+    when an etcd member dies under a stream) are logged, not raised:
+    trio-asyncio's default handler raises them into the loop's nursery,
+    which ended the whole agent (found by the chaos suite, kill-etcd-leader).
+    Errors of the calls we make still reach their callers through `call`.
+    """
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_unawaited)
         yield
+
+
+def _log_unawaited(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    asyncio.BaseEventLoop.default_exception_handler(loop, context)  # type: ignore[arg-type]
 
 
 async def call(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
