@@ -19,6 +19,7 @@ import trio
 from pydantic import SecretStr, ValidationError
 
 from haproxy_ln import __version__
+from haproxy_ln.chaos.command import chaos
 from haproxy_ln.config import (
     Config,
     ProxyConfig,
@@ -57,6 +58,7 @@ def main() -> None:
 
 
 main.add_command(sim)
+main.add_command(chaos)
 
 
 @main.command("check-config")

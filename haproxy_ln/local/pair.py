@@ -110,7 +110,8 @@ class AgentNode:
     ) -> str:
         """Write this node's configuration file; returns its text.
 
-        `daemon` is the [daemon] table; `sections` override other tables' keys.
+        `daemon` is the [daemon] table; `sections` override other tables' keys
+        (a key given as None is left out, e.g. `keys={"cln_hsm_secret": None}`).
         """
         config: dict[str, dict[str, object]] = {
             "node": {
@@ -140,7 +141,8 @@ class AgentNode:
             "health": {"listen": f"127.0.0.1:{self.health_port}"},
         }
         for name, values in sections.items():
-            config[name] = {**config.get(name, {}), **values}
+            merged = {**config.get(name, {}), **values}
+            config[name] = {k: v for k, v in merged.items() if v is not None}
         text = tomli_w.dumps(config)
         self.config_path.write_text(text)
         return text
