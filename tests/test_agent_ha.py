@@ -117,13 +117,17 @@ def test_kill_9_of_the_active_standby_takes_over_only_after_the_lease_expired(
 
 
 def self_fence_is_before_the_lease_can_expire(node: Node, after: float) -> Event:
-    """The node's self-fence event, after checking that the daemon was dead and the keys
-    gone before last keepalive sent + TTL, the earliest time etcd could expire the lease."""
+    """The node's self-fence event, after checking that the daemon was killed (SIGKILL
+    delivered: it runs no more code, though reaping it may take a little longer on a loaded
+    machine) and the keys gone before last keepalive sent + TTL, the earliest time etcd
+    could expire the lease."""
     fenced = event(node, "ha.fenced", after)
     assert fenced.fields["cause"], fenced
     sent = fenced.fields["last_keepalive_sent"]
     assert isinstance(sent, float)
-    for kind in ("daemon.stopped", "keys.destroyed"):
+    killed = event(node, "daemon.killed", after)
+    assert killed.fields["delivered"] is True, killed
+    for kind in ("daemon.killed", "keys.destroyed"):
         gone = event(node, kind, after)
         assert gone.mono < sent + TTL, (kind, gone.mono, sent + TTL)
     return fenced
