@@ -5,7 +5,8 @@
 - Regression tests for the product bugs the suite found: an asyncio error
   nobody awaited ended the agent (kill-etcd-leader); a replica link that
   drops packets hung the replicator forever (partition-replica-link); the
-  agent never started the daemon with the lnd or "none" key adapters.
+  agent never started the daemon with the lnd or "none" key adapters; an
+  lnd that crashed and was started again was never unlocked.
 - The CI set: `haproxy-ln chaos` runs every nemesis once in cln mode and
   once in lnd mode (so every nemesis twice), and every trial must be safe
   (no lost or conflicting acknowledged write, one signer, no daemon without
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -33,11 +35,18 @@ from replication_harness import ReplicatorProcess
 from haproxy_ln.chaos.checker import check_signers, leadership_intervals, outage
 from haproxy_ln.chaos.command import NEMESIS_NAMES
 from haproxy_ln.chaos.nemesis import NEMESES
-from haproxy_ln.events import Event, FieldValue
-from haproxy_ln.local import EtcdServer, PostgresCluster
+from haproxy_ln.config import HostPort
+from haproxy_ln.events import Event, EventLog, FieldValue, read_events
+from haproxy_ln.keys.lnd import LndCustody, LndSettings
+from haproxy_ln.keys.lnrpc import WalletState
+from haproxy_ln.keys.sealing import KekSource
+from haproxy_ln.keys.tools import new_kek, seal_file
+from haproxy_ln.local import EtcdServer, PostgresCluster, free_port
 from haproxy_ln.local.etcd import EtcdCluster
 from haproxy_ln.local.faultproxy import FaultProxy
 from haproxy_ln.local.pair import AgentNode
+from haproxy_ln.local.ports import pid_alive
+from haproxy_ln.sim.wallet import WalletServer, load_or_create_tls
 from haproxy_ln.store import bridge
 
 TTL = 2.0
@@ -145,6 +154,33 @@ def test_a_three_member_etcd_cluster_elects_a_new_leader_when_its_leader_dies(
 # --- regressions: bugs the suite found --------------------------------------------------------
 
 
+def test_a_stopped_postgresql_answers_nothing_and_a_killed_one_leaves_no_process(
+    pg: PostgresCluster,
+) -> None:
+    """Each backend runs in a session of its own: signalling the postmaster's process group
+    (as PostgresCluster.kill did) reached the postmaster only, so SIGSTOP left every open
+    session serving and the pause-active-postgres nemesis injected nothing."""
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert backend is not None
+        pg.signal_all(signal.SIGSTOP)
+        try:
+            answered = threading.Event()
+            asker = threading.Thread(target=lambda: (conn.execute("SELECT 1"), answered.set()))
+            asker.start()
+            assert not answered.wait(1.0)
+        finally:
+            pg.signal_all(signal.SIGCONT)
+        asker.join(10)
+        assert answered.is_set()
+    postmaster = pg.pid
+    assert postmaster is not None
+    pg.kill()
+    assert not pid_alive(postmaster) and not pid_alive(backend[0])
+    pg.start()
+    assert pg.psql("SELECT 1").strip() == "1"
+
+
 async def test_an_asyncio_error_nobody_awaits_is_logged_and_does_not_end_the_bridge(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -209,6 +245,33 @@ def test_a_replica_link_that_drops_packets_ends_the_stuck_apply_and_commits_resu
             process.stop()
             thread.join(30)
         assert int(replica.psql("SELECT count(*) FROM t")) >= resumed + 20
+
+
+async def test_lnd_custody_unlocks_an_lnd_that_restarted_locked(tmp_path: Path) -> None:
+    """An lnd that crashes (its database died) is started again by the agent, locked; the
+    custody, still counting the old one as unlocked, never sent the password again."""
+    kek, password, sealed = tmp_path / "kek", tmp_path / "password", tmp_path / "sealed"
+    new_kek(kek)
+    password.write_bytes(b"wallet password")
+    seal_file(kek, password, sealed, "lnd-wallet-password")
+    cert, key = load_or_create_tls(tmp_path / "tls.cert", tmp_path / "tls.key", "127.0.0.1")
+    rpc = HostPort("127.0.0.1", free_port())
+    events = EventLog(tmp_path / "events.jsonl", "a")
+    settings = LndSettings(rpc, tmp_path / "tls.cert", sealed, timeout=5.0, poll_interval=0.05)
+    custody = LndCustody(settings, KekSource(file=kek), events)
+    for _ in range(2):  # the second lnd is the first one started again
+        lnd = WalletServer(rpc, cert, key, b"wallet password").start()
+        try:
+            await custody.unlock()
+            assert lnd.state is WalletState.UNLOCKED and custody.held
+        finally:
+            lnd.stop()
+    kinds = [(e.kind, e.fields.get("reason")) for e in read_events(tmp_path / "events.jsonl")]
+    assert kinds == [
+        ("keys.materialized", None),
+        ("keys.destroyed", "lnd restarted"),
+        ("keys.materialized", None),
+    ]
 
 
 @pytest.fixture

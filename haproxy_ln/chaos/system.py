@@ -144,11 +144,8 @@ class ChaosNode:
         return bool(times) and times[-1] >= since
 
     def signal_pg(self, signum: signal.Signals) -> None:
-        """Send `signum` to the postmaster and all its processes (one process group)."""
-        pid = self.pg.pid
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(os.getpgid(pid), signum)
+        """Send `signum` to the postmaster and every process it started."""
+        self.pg.signal_all(signum)
 
 
 class ChaosPair:

@@ -231,17 +231,30 @@ class LndCustody:
     async def unlock(self) -> None:
         """Unlock lnd's wallet, once lnd has started and waits for it (state LOCKED).
 
-        Emits "keys.materialized" before the password is sent. Raises
+        Emits "keys.materialized" before the password is sent. If an lnd we
+        unlocked is LOCKED again (it was restarted), "keys.destroyed" is
+        recorded first and the password sent again. Raises
         WrongWalletPassword (then "keys.destroyed": the wallet stayed locked),
         LndUnreachable if lnd is not ready within the timeout, LndError,
         KeyCustodyError if the sealed password does not open.
         """
         s = self._settings
         async with self._lock:
-            if self._held:
-                return
             password = await trio.to_thread.run_sync(self._open_password)
             state = await self._wait_until_locked()
+            if self._held:
+                if state.holds_keys:
+                    return  # the lnd we unlocked is still running
+                # LOCKED: the lnd we unlocked is gone (it crashed and was started again
+                # without destroy()), and its keys with it; the new one needs the password.
+                # This returned at once, so the restarted lnd stayed locked for good (found
+                # by the chaos suite: kill -9 of the active PostgreSQL in lnd mode).
+                await trio.to_thread.run_sync(
+                    partial(
+                        self._events.emit, "keys.destroyed", adapter="lnd", reason="lnd restarted"
+                    )
+                )
+                self._held = False
             if state.holds_keys:
                 # lnd opened its wallet without us (wallet-unlock-password-file?): it holds keys.
                 log.warning("lnd at %s was already unlocked (%s)", s.rpc, state.name)

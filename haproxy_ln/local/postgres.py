@@ -67,6 +67,36 @@ def pg_bin_dir() -> Path:
     return Path(found).resolve().parent
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes `pid` started and those they started, as /proc shows them now."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop_tree(pid: int) -> list[int]:
+    """SIGSTOP `pid`, then everything it started; returns them all."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGSTOP)
+    pids = [pid, *_descendants(pid)]
+    for each in pids[1:]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, signal.SIGSTOP)
+    return pids
+
+
 def _client_env() -> dict[str, str]:
     """Our environment without PG* variables, so libpq tools use only what we pass."""
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -200,12 +230,24 @@ class PostgresCluster(LocalServer):
         server, self._server = self._server, None
         if server is None:
             return
-        # The supervisor started a new session: the postmaster and its children share
-        # its process group, so one signal takes them all, as a machine crash would.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(os.getpgid(server.pid), signal.SIGKILL)
+        # Stopped first, so no process of it acts on another's death; then all killed.
+        # (A process-group signal is not enough: each backend runs in a session of its own.)
+        pids = _stop_tree(server.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         server.wait(10)
         server.close()
+
+    def signal_all(self, signum: signal.Signals) -> None:
+        """Send `signum` to the postmaster and every process it started, the postmaster
+        first (SIGSTOP: it starts no new backend meanwhile). A no-op when not running."""
+        pid = self.pid
+        if pid is None:
+            return
+        for each in [pid, *_descendants(pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(each, signum)
 
     def psql(
         self,
