@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -32,11 +33,16 @@ import trio
 from agent_harness import first, wait_for
 from replication_harness import ReplicatorProcess
 
+from haproxy_ln.agent.shell import HaShell
 from haproxy_ln.chaos.checker import check_signers, leadership_intervals, outage
 from haproxy_ln.chaos.command import NEMESIS_NAMES
 from haproxy_ln.chaos.nemesis import NEMESES
-from haproxy_ln.config import HostPort
+from haproxy_ln.config import HostPort, load
+from haproxy_ln.coord.model import Lease
+from haproxy_ln.daemon.sdnotify import SystemdNotifier
+from haproxy_ln.daemon.supervisor import DaemonState as SupervisorState
 from haproxy_ln.events import Event, EventLog, FieldValue, read_events
+from haproxy_ln.ha import HaState, Role, step
 from haproxy_ln.keys.lnd import LndCustody, LndSettings
 from haproxy_ln.keys.lnrpc import WalletState
 from haproxy_ln.keys.sealing import KekSource
@@ -46,6 +52,7 @@ from haproxy_ln.local.etcd import EtcdCluster
 from haproxy_ln.local.faultproxy import FaultProxy
 from haproxy_ln.local.pair import AgentNode
 from haproxy_ln.local.ports import pid_alive
+from haproxy_ln.proxy.gate import Gate
 from haproxy_ln.sim.wallet import WalletServer, load_or_create_tls
 from haproxy_ln.store import bridge
 
@@ -272,6 +279,56 @@ async def test_lnd_custody_unlocks_an_lnd_that_restarted_locked(tmp_path: Path) 
         ("keys.destroyed", "lnd restarted"),
         ("keys.materialized", None),
     ]
+
+
+class _Hangs:
+    """A coord and a local store that never answer (etcd cut off, PostgreSQL paused)."""
+
+    abandoned = False
+
+    async def view(self) -> None:
+        await trio.sleep_forever()
+
+    async def facts(self) -> None:
+        await trio.sleep_forever()
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
+async def test_a_leader_observing_unanswering_etcd_and_postgresql_steps_by_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """Woken at its deadline with etcd cut off, the loop first read etcd for up to
+    request_timeout and fenced after the earliest moment etcd could expire the lease."""
+    a = AgentNode("a", tmp_path, PostgresCluster(tmp_path / "pg"), "127.0.0.1:2379")
+    keys: dict[str, object] = {"adapter": "none", "kek_file": None, "cln_hsm_secret": None}
+    a.write_config(a, tmp_path, tmp_path, {}, keys=keys)
+    hangs = _Hangs()
+    async with trio.open_nursery() as nursery:
+        shell = HaShell(
+            load(a.config_path),
+            hangs,  # type: ignore[arg-type]
+            hangs,  # type: ignore[arg-type]
+            Gate(is_open=True),
+            SimpleNamespace(state=SupervisorState.READY),  # type: ignore[arg-type]
+            SimpleNamespace(held=True),  # type: ignore[arg-type]
+            EventLog(None, "a"),
+            nursery,
+            SystemdNotifier(None),
+        )
+        shell.state = HaState(role=Role.ACTIVE, epoch=7, highest_epoch=7)
+        shell.lease = Lease(1, 2)
+        shell.last_keepalive_sent = time.monotonic() - 1.3  # the deadline is 0.2 s away
+        deadline = shell._deadline()
+        assert deadline is not None
+        with trio.fail_after(5):  # before the fix: never (both calls hang)
+            snapshot = await shell.observe()
+        assert time.monotonic() - deadline < 0.05
+        assert snapshot.store_unreachable_since is not None and hangs.abandoned
+        now = time.monotonic()
+        decision = step(shell.state, snapshot, now, timing=shell.timing, mode=shell.mode)
+        assert decision.role is Role.FENCED
 
 
 @pytest.fixture

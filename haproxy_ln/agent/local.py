@@ -125,6 +125,13 @@ class LocalStore:
         if conn is not None:
             await bridge.close(conn)
 
+    def abandon(self) -> None:
+        """Drop the connection at once, without a goodbye: its server did not answer in
+        time, and a query cut off midway leaves the connection unusable."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
 
 async def _read_facts(conn: asyncpg.Connection, sync_name: str, slot: str) -> LocalFacts:
     fence = None

@@ -29,7 +29,7 @@ import time
 import trio
 
 from haproxy_ln import ha, metrics
-from haproxy_ln.agent.local import LocalStore
+from haproxy_ln.agent.local import UNREACHABLE, LocalStore
 from haproxy_ln.config import Config
 from haproxy_ln.coord import Coord
 from haproxy_ln.coord.model import CoordView, Lease, SwitchoverRequest
@@ -53,6 +53,7 @@ from haproxy_ln.store import bridge
 log = logging.getLogger(__name__)
 
 ERROR_PAUSE = 0.2  # seconds before stepping again after an action failed
+_LEADING = (ha.Role.CANDIDATE, ha.Role.ACTIVE, ha.Role.DEMOTING)
 
 _DAEMON_STATES = {
     SupervisorState.STOPPED: ha.DaemonState.STOPPED,
@@ -249,14 +250,33 @@ class HaShell:
     # --- observing --------------------------------------------------------------------------
 
     async def observe(self) -> ha.Snapshot:
-        """The facts as of now; etcd's keep their last value while etcd is unreachable."""
-        try:
-            self.view = await self.coord.view()
-            self._set_reachable(True)
-        except CoordUnavailable as e:
-            log.debug("etcd: reading the keys failed: %s", e)
-            self._set_reachable(False)
-        local = await self.local.facts()
+        """The facts as of now; etcd's keep their last value while etcd is unreachable.
+
+        While this node leads, reading is cut off at its self-fence deadline (etcd's
+        keys then keep their last value), and the local PostgreSQL must answer within
+        connect_timeout (else it counts as unreachable), so the step that fences runs
+        on time. Woken at the deadline with etcd cut off, the loop read etcd for up to
+        request_timeout (3 endpoints) first and fenced half a second late, after the
+        earliest moment etcd could expire the lease (found by the chaos suite,
+        partition-active-etcd); a paused local PostgreSQL held the loop for good.
+        """
+        deadline = self._deadline() if self.state.role in _LEADING else None
+        budget = math.inf if deadline is None else max(0.0, deadline - time.monotonic())
+        with trio.move_on_after(budget):
+            try:
+                self.view = await self.coord.view()
+                self._set_reachable(True)
+            except CoordUnavailable as e:
+                log.debug("etcd: reading the keys failed: %s", e)
+                self._set_reachable(False)
+        local = UNREACHABLE
+        budget = self.config.replication.connect_timeout
+        if deadline is not None:
+            budget = min(budget, max(0.0, deadline - time.monotonic()))
+        with trio.move_on_after(budget) as scope:
+            local = await self.local.facts()
+        if scope.cancelled_caught:
+            self.local.abandon()
         if local.reachable:
             self._store_down_since = None
         elif self._store_down_since is None:

@@ -6,8 +6,10 @@ Only click is imported up front; the suite is imported when the command runs.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
+from types import FrameType
 
 import click
 
@@ -73,6 +75,7 @@ def chaos(
     from haproxy_ln.errors import HaproxyLnError
 
     setup_logging("warning")
+    signal.signal(signal.SIGTERM, _terminate)  # stop the pair on the way out, as on Ctrl-C
     options = ChaosOptions(trials, seed, nemeses or NEMESIS_NAMES, mode, rate, results, keep)
     started = time.monotonic()
     try:
@@ -93,3 +96,7 @@ def chaos(
     if as_json:
         click.echo(json.dumps(summary.as_json()))
     raise SystemExit(0 if summary.ok else 1)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
