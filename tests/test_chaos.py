@@ -31,7 +31,7 @@ import psycopg
 import pytest
 import trio
 from agent_harness import first, wait_for
-from replication_harness import ReplicatorProcess
+from replication_harness import READY, ReplicatorProcess
 
 from haproxy_ln.agent.shell import HaShell
 from haproxy_ln.chaos.checker import check_signers, leadership_intervals, outage
@@ -279,6 +279,32 @@ async def test_lnd_custody_unlocks_an_lnd_that_restarted_locked(tmp_path: Path) 
         ("keys.destroyed", "lnd restarted"),
         ("keys.materialized", None),
     ]
+
+
+@pytest.mark.slow
+def test_a_replica_store_that_refuses_writes_is_retried_not_fatal(
+    pg_pair: tuple[PostgresCluster, PostgresCluster], tmp_path: Path
+) -> None:
+    """A full disk on the replica store made a write in the replicator's set-up fail with a
+    database error, which escaped the replicator and ended the whole agent; a read-only
+    database refuses the same way."""
+    primary, replica = pg_pair
+    replica.psql("ALTER DATABASE postgres SET default_transaction_read_only = on")
+    process = ReplicatorProcess(primary, replica, tmp_path / "replicator.log")
+    process.start(wait=False)
+    try:
+        refused = lambda: "read-only transaction" in process.log()  # noqa: E731
+        wait_for("the refusal", refused, 30)
+        time.sleep(0.5)
+        assert process.proc is not None and process.proc.poll() is None, process.log()
+        replica.psql(
+            "SET default_transaction_read_only = off;"
+            "ALTER DATABASE postgres RESET default_transaction_read_only"
+        )
+        synchronous = lambda: READY in process.log()  # noqa: E731
+        wait_for("the replicator to be synchronous", synchronous, 60)
+    finally:
+        process.stop()
 
 
 class _Hangs:

@@ -57,11 +57,15 @@ STATUS_INTERVAL = 1.0
 PRUNE_INTERVAL = 60.0
 QUEUE_RECORDS = 10_000
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0
+# Retried after a backoff. A database that refuses (a full disk, crash recovery, an
+# administrator's shutdown) is among them: it escaped the replicator and ended the
+# whole agent (found by the chaos suite, fill-standby-disk).
 _TRANSIENT = (
     ReplicationError,
     ProtocolViolation,
     OSError,
     trio.BrokenResourceError,
+    bridge.PostgresError,
     *bridge.CONNECTION_LOST,
 )
 
@@ -372,6 +376,8 @@ class Replicator:
                     )
                 return None
             return f"the replica store did not answer within {timeout} s during an apply"
+        except (bridge.PostgresError, *bridge.CONNECTION_LOST) as e:
+            return f"the replica store failed during an apply: {e}"
         finally:
             await bridge.close(conn)
 
