@@ -30,6 +30,7 @@ class Row:
     paused_overlaps: int
     unleased_daemon: int
     paused_unleased: int
+    agent_exits: int
     outage_median_s: float | None
     outage_max_s: float | None
     recovery_median_s: float | None
@@ -56,6 +57,7 @@ class Summary:
             "paused_overlaps": t.paused_overlaps,
             "unleased_daemon": t.unleased_daemon,
             "paused_unleased": t.paused_unleased,
+            "agent_exits": t.agent_exits,
             "outage_s": {"median": t.outage_median_s, "max": t.outage_max_s},
             "recovery_s": {
                 "median": t.recovery_median_s,
@@ -89,6 +91,7 @@ def _row(name: str, results: Sequence[TrialResult]) -> Row:
         paused_overlaps=sum(r.paused_overlaps for r in results),
         unleased_daemon=sum(r.unleased_daemon + r.unleased_keys for r in results),
         paused_unleased=sum(r.paused_unleased for r in results),
+        agent_exits=sum(r.agent_exits for r in results),
         outage_median_s=outage[0],
         outage_max_s=outage[1],
         recovery_median_s=recovery[0],
