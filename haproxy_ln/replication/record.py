@@ -9,20 +9,31 @@ and columns, so the txlog can be read and applied without the source's
 catalog. Values stay in PostgreSQL's text format, which the replica parses
 with each column's own input function, so they round-trip exactly.
 
-DDL arrives as transactional logical messages with the prefix
-`haproxy_ln.ddl` (emitted by our event trigger, with the schemas the
-statement's unqualified names resolved in) and is kept in `changes`
-at its place among the rows, because a migration's rows may need the table
-it creates. Changes to our own schema `haproxy_ln` (fence, replica state,
-txlog) are node-local and never replicated.
+DDL arrives as transactional logical messages from our event trigger
+(store/schema.py): `haproxy_ln.ddl` once per DDL command PostgreSQL runs,
+numbered within the client's statement, whose text comes with the first;
+`haproxy_ln.rows` and `haproxy_ln.row` with every row of a table whose rows
+the command computed anew (a table rewrite, which is not decoded). At Commit
+the commands of each statement are paired with the statement's own DDL
+statements (store/statements.py: `match`), each becoming a `Ddl` at its
+place among the rows, because a migration's rows may need the table it
+creates; DDL that cannot be paired (it ran inside code) stops replication
+with DdlNotReplayable rather than let the replica diverge. A rewritten
+table's rows become a keyless DELETE (every row) and INSERTs. CREATE TABLE
+AS and SELECT ... INTO stream their rows before their command ends: their
+Ddl moves to just before the first row of the table they created, told
+apart from older tables of the same name by its OID (pgoutput's relation
+id). Changes to our own schema `haproxy_ln` (fence, replica state, txlog)
+are node-local and never replicated.
 
 Wire format (msgpack, versioned): a map {v, epoch, source_node, commit_lsn,
 end_lsn, xid, commit_time, changes}; commit_time is microseconds since the
 Unix epoch; each change is an array whose first element says its kind:
-["ddl", sql, search_path] · ["i", schema, table, columns, values] ·
+["ddl", sql, search_path, settings, missing] · ["i", schema, table, columns, values] ·
 ["u", schema, table, columns, values, key_columns, key_values] ·
-["d", schema, table, key_columns, key_values] ·
-["t", [[schema, table], ...], cascade, restart_identity].
+["d", schema, table, key_columns, key_values] (no key: every row) ·
+["t", [[schema, table], ...], cascade, restart_identity]. Records written
+before settings and missing existed end the ddl array after search_path.
 """
 
 from __future__ import annotations
@@ -34,9 +45,10 @@ from typing import Any
 
 import msgpack
 
-from haproxy_ln.errors import ProtocolViolation
+from haproxy_ln.errors import ProtocolViolation, ReplicationError
 from haproxy_ln.replication import pgoutput
-from haproxy_ln.replication.stream import PG_EPOCH_OFFSET_US
+from haproxy_ln.replication.stream import PG_EPOCH_OFFSET_US, format_lsn
+from haproxy_ln.store.statements import DdlNotReplayable, match
 
 FORMAT_VERSION = 1
 # Session settings under which text values print and parse back identically,
@@ -49,6 +61,8 @@ TEXT_SETTINGS = {
     "bytea_output": "hex",
 }
 DDL_PREFIX = "haproxy_ln.ddl"
+ROWS_PREFIX = "haproxy_ln.rows"  # a rewritten table: its name and columns
+ROW_PREFIX = "haproxy_ln.row"  # one row of it
 OWN_SCHEMA = "haproxy_ln"
 
 
@@ -60,10 +74,16 @@ class Op(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Ddl:
-    """Schema change text as the client sent it, and the schemas its names resolved in."""
+    """One DDL statement as the client wrote it, and what its meaning depended on:
+    the schemas its names resolved in, the client's settings that read literals
+    (TimeZone, DateStyle, IntervalStyle) and its role (which owns what the
+    statement creates), and for ADD COLUMN the values rows already there read
+    in the new columns ([column, attmissingval text])."""
 
     sql: str
     search_path: tuple[str, ...]
+    settings: tuple[tuple[str, str], ...] = ()
+    missing: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +173,8 @@ class Record:
 
 def _pack_change(c: Change) -> list[Any]:
     if isinstance(c, Ddl):
-        return ["ddl", c.sql, list(c.search_path)]
+        pairs = [list(p) for p in c.settings], [list(m) for m in c.missing]
+        return ["ddl", c.sql, list(c.search_path), *pairs]
     if isinstance(c, TruncateTables):
         return ["t", [list(t) for t in c.tables], c.cascade, c.restart_identity]
     head = [c.op.value, c.schema, c.table]
@@ -167,7 +188,13 @@ def _pack_change(c: Change) -> list[Any]:
 def _unpack_change(c: list[Any]) -> Change:
     kind = c[0]
     if kind == "ddl":
-        return Ddl(str(c[1]), tuple(str(s) for s in c[2]))
+        settings, missing = (c[3], c[4]) if len(c) > 3 else ([], [])
+        return Ddl(
+            str(c[1]),
+            tuple(str(s) for s in c[2]),
+            tuple((str(k), str(v)) for k, v in settings),
+            tuple((str(k), str(v)) for k, v in missing),
+        )
     if kind == "t":
         return TruncateTables(tuple((str(s), str(t)) for s, t in c[1]), bool(c[2]), bool(c[3]))
     op = Op(kind)
@@ -178,12 +205,57 @@ def _unpack_change(c: list[Any]) -> Change:
     return Row(op, c[1], c[2], key_columns=tuple(c[3]), key_values=tuple(c[4]))
 
 
-def _ddl(content: bytes) -> Ddl:
-    """The Ddl of our event trigger's message: JSON {"sql": ..., "search_path": [...]}."""
+@dataclass(frozen=True, slots=True)
+class _Statement:
+    """A client statement that ran DDL, and the tags of its commands so far."""
+
+    sql: str
+    tags: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Command:
+    """One DDL command our event trigger reported, before it is paired at Commit."""
+
+    statement: _Statement
+    n: int  # its number within the statement, from 1
+    search_path: tuple[str, ...]
+    temporary: bool  # acts on temporary objects only, which the replica has not
+    created: frozenset[int]  # OIDs of the tables CREATE TABLE AS / SELECT INTO created
+    settings: tuple[tuple[str, str], ...]
+    missing: tuple[tuple[str, str], ...]
+
+
+def _json(content: bytes, prefix: str) -> Any:
     try:
-        m = json.loads(content)
-        return Ddl(str(m["sql"]), tuple(str(s) for s in m["search_path"]))
-    except (ValueError, KeyError, TypeError) as e:
+        return json.loads(content)
+    except ValueError as e:
+        raise ProtocolViolation(f"malformed {prefix} message: {e}") from e
+
+
+def _command(m: Any, statement: _Statement | None) -> _Command | Ddl:
+    """The command of our event trigger's message; a Ddl for the messages of older
+    versions, which held the whole query text once per statement."""
+    try:
+        search_path = tuple(str(s) for s in m["search_path"])
+        if "n" not in m:
+            return Ddl(str(m["sql"]), search_path)
+        n = int(m["n"])
+        if n == 1:
+            statement = _Statement(str(m["sql"]), [])
+        elif statement is None or len(statement.tags) != n - 1:
+            raise ProtocolViolation(f"{DDL_PREFIX} command {n} without command {n - 1}")
+        statement.tags.append(str(m["tag"]))
+        return _Command(
+            statement,
+            n,
+            search_path,
+            bool(m["temporary"]),
+            frozenset(int(o) for o in m["created"]),
+            tuple((str(k), str(v)) for k, v in m["settings"].items()),
+            tuple((str(c), str(v)) for c, v in m["missing"] or ()),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ProtocolViolation(f"malformed {DDL_PREFIX} message: {e}") from e
 
 
@@ -199,6 +271,11 @@ def _present(
     return tuple(n for n, _ in pairs), tuple(v for _, v in pairs)
 
 
+# What a transaction collects before Commit: a change, or a DDL command not yet
+# paired with its statement; with the relation id of a row's table.
+_Pending = tuple[Change | _Command, int | None]
+
+
 class Assembler:
     """Turns the pgoutput messages of a stream into Records, one per transaction."""
 
@@ -207,7 +284,9 @@ class Assembler:
         self.source_node = source_node
         self._relations: dict[int, pgoutput.Relation] = {}
         self._begin: pgoutput.Begin | None = None
-        self._changes: list[Change] = []
+        self._pending: list[_Pending] = []
+        self._statement: _Statement | None = None  # of the last DDL command
+        self._rewritten: tuple[str, str, tuple[str, ...]] | None = None  # rows arriving
 
     @property
     def in_transaction(self) -> bool:
@@ -217,29 +296,60 @@ class Assembler:
         """Take one message; returns the Record when it completes a transaction.
 
         Raises ProtocolViolation for changes outside a transaction, unknown
-        relations, or an update or delete that names no row.
+        relations, an update or delete that names no row, or malformed messages
+        of our event trigger; DdlNotReplayable (at Commit) for DDL the replica
+        cannot repeat exactly.
         """
         if isinstance(msg, pgoutput.Relation):
             self._relations[msg.relid] = msg
         elif isinstance(msg, pgoutput.Begin):
             if self._begin is not None:
                 raise ProtocolViolation("Begin inside a transaction")
-            self._begin, self._changes = msg, []
+            self._begin, self._pending = msg, []
+            self._statement = self._rewritten = None
         elif isinstance(msg, pgoutput.Commit):
             return self._commit(msg)
         elif isinstance(msg, (pgoutput.Type, pgoutput.Origin)):
             pass  # the replica's own catalog types the values; origins are not used
         elif isinstance(msg, pgoutput.Message):
-            if msg.transactional and msg.prefix == DDL_PREFIX:
-                self._add(_ddl(msg.content))
+            if msg.transactional:
+                self._message(msg.prefix, msg.content)
         else:
             self._add_change(msg)
         return None
 
-    def _add(self, change: Change) -> None:
+    def _add(self, change: Change | _Command, relid: int | None = None) -> None:
         if self._begin is None:
             raise ProtocolViolation(f"{type(change).__name__} outside a transaction")
-        self._changes.append(change)
+        self._pending.append((change, relid))
+
+    def _message(self, prefix: str, content: bytes) -> None:
+        if prefix == ROW_PREFIX:
+            if self._rewritten is None:
+                raise ProtocolViolation(f"{ROW_PREFIX} message without {ROWS_PREFIX}")
+            schema, table, columns = self._rewritten
+            values = _json(content, prefix)
+            if not isinstance(values, list) or len(values) != len(columns):
+                raise ProtocolViolation(f"malformed {ROW_PREFIX} message for {schema}.{table}")
+            self._add(Row(Op.INSERT, schema, table, columns, tuple(values)))
+            return
+        self._rewritten = None
+        if prefix == DDL_PREFIX:
+            command = _command(_json(content, prefix), self._statement)
+            if isinstance(command, _Command):
+                self._statement = command.statement
+            self._add(command)
+        elif prefix == ROWS_PREFIX:
+            # A rewritten table: the replica's rows give way to the primary's.
+            m = _json(content, prefix)
+            try:
+                head = (str(m["schema"]), str(m["table"]), tuple(str(c) for c in m["columns"]))
+            except (KeyError, TypeError) as e:
+                raise ProtocolViolation(f"malformed {ROWS_PREFIX} message: {e}") from e
+            if head[0] == OWN_SCHEMA:  # node-local; our trigger never sends them
+                raise ProtocolViolation(f"{ROWS_PREFIX} message for {head[0]}.{head[1]}")
+            self._add(Row(Op.DELETE, head[0], head[1]))
+            self._rewritten = head
 
     def _relation(self, relid: int) -> pgoutput.Relation:
         try:
@@ -250,6 +360,7 @@ class Assembler:
     def _add_change(
         self, msg: pgoutput.Insert | pgoutput.Update | pgoutput.Delete | pgoutput.Truncate
     ) -> None:
+        self._rewritten = None
         if isinstance(msg, pgoutput.Truncate):
             rels = [self._relation(r) for r in msg.relids]
             tables = tuple((r.namespace, r.name) for r in rels if r.namespace != OWN_SCHEMA)
@@ -263,7 +374,7 @@ class Assembler:
         every = (True,) * len(names)
         if isinstance(msg, pgoutput.Insert):
             cols, vals = _present(names, msg.new, every)
-            self._add(Row(Op.INSERT, rel.namespace, rel.name, cols, vals))
+            self._add(Row(Op.INSERT, rel.namespace, rel.name, cols, vals), rel.relid)
             return
         is_key = tuple(c.is_key for c in rel.columns)
         if msg.old is not None:
@@ -276,16 +387,29 @@ class Assembler:
             raise ProtocolViolation(f"change to {rel.namespace}.{rel.name} names no row")
         if isinstance(msg, pgoutput.Update):
             cols, vals = _present(names, msg.new, every)
-            self._add(Row(Op.UPDATE, rel.namespace, rel.name, cols, vals, key_cols, key_vals))
+            row = Row(Op.UPDATE, rel.namespace, rel.name, cols, vals, key_cols, key_vals)
         else:
-            self._add(Row(Op.DELETE, rel.namespace, rel.name, (), (), key_cols, key_vals))
+            row = Row(Op.DELETE, rel.namespace, rel.name, (), (), key_cols, key_vals)
+        self._add(row, rel.relid)
 
     def _commit(self, msg: pgoutput.Commit) -> Record:
         begin = self._begin
         if begin is None:
             raise ProtocolViolation("Commit without Begin")
         self._begin = None
-        changes, self._changes = tuple(self._changes), []
+        pending, self._pending = self._pending, []
+        self._statement = self._rewritten = None
+        try:
+            changes = _in_apply_order(pending)
+        except DdlNotReplayable as e:
+            raise DdlNotReplayable(
+                f"transaction {begin.xid} (commit {format_lsn(msg.commit_lsn)}) ran DDL "
+                f"that the replica cannot repeat exactly: {e}. Nothing of it was applied "
+                "and replication stops here. Run DDL as plain statements, not inside DO "
+                "blocks with control flow, functions, procedures or triggers (see "
+                "docs/replication.md, DDL); to go on, reseed the replica store "
+                "(haproxy-ln reseed) once the primary no longer waits for it"
+            ) from None
         return Record(
             self.epoch,
             self.source_node,
@@ -293,5 +417,55 @@ class Assembler:
             msg.end_lsn,
             begin.xid,
             msg.commit_time + PG_EPOCH_OFFSET_US,
-            changes,
+            tuple(changes),
         )
+
+
+def _in_apply_order(pending: list[_Pending]) -> list[Change]:
+    """The changes of a transaction as the replica applies them: each DDL command
+    replaced by the statement it replays (`match`), and each CREATE TABLE AS /
+    SELECT INTO moved to just before the first row of the table it created.
+
+    Raises DdlNotReplayable.
+    """
+    replays: dict[int, list[str | None]] = {}
+    out: list[_Pending] = []
+    moves: list[tuple[Ddl, frozenset[int]]] = []
+    for item, relid in pending:
+        if not isinstance(item, _Command):
+            out.append((item, relid))
+            continue
+        if dict(item.settings).get("standard_conforming_strings") == "off":
+            raise DdlNotReplayable(
+                "it ran with standard_conforming_strings = off, under which its text "
+                "cannot be read reliably"
+            )
+        key = id(item.statement)
+        if key not in replays:
+            replays[key] = _replays(item.statement)
+        sql = replays[key][item.n - 1]
+        if sql is not None and not item.temporary:
+            ddl = Ddl(sql, item.search_path, item.settings, item.missing)
+            out.append((ddl, None))
+            if item.created:
+                moves.append((ddl, item.created))
+    for ddl, created in moves:
+        _hoist(out, ddl, created)
+    return [change for change, _ in out if not isinstance(change, _Command)]
+
+
+def _replays(statement: _Statement) -> list[str | None]:
+    try:
+        return match(statement.sql, statement.tags)
+    except DdlNotReplayable:
+        raise
+    except ReplicationError as e:  # the text does not parse
+        raise DdlNotReplayable(str(e)) from None
+
+
+def _hoist(out: list[_Pending], ddl: Ddl, created: frozenset[int]) -> None:
+    """Move `ddl` to just before the first row of a table it created, if earlier."""
+    at = next(i for i, (change, _) in enumerate(out) if change is ddl)
+    first = next((i for i, (_, relid) in enumerate(out) if relid in created), at)
+    if first < at:
+        out.insert(first, out.pop(at))

@@ -7,8 +7,9 @@ Query, which PostgreSQL runs as one implicit transaction in one round trip:
 1. `haproxy_ln.check_fence(epoch)` locks the fence row; a fence above the
    writer's epoch aborts everything with SQLSTATE HL001 (StaleEpoch), a
    lower one is raised to the writer's epoch;
-2. each record's changes in source order: DDL (only the schema statements
-   of the text, see `ddl_statements`), rows, truncates;
+2. each record's changes in order: DDL (each statement as
+   `replay_statements` makes it, as the role and under the search_path and
+   the date and time settings the client ran it with), rows, truncates;
 3. the records appended to `haproxy_ln.txlog`;
 4. `haproxy_ln.advance(from, to)` moves the replica position, failing with
    HL003 unless it still is where this writer left it.
@@ -25,7 +26,9 @@ type's input function. Rows are found by their key: by equality when the
 key is the table's primary key (or replica identity index), otherwise
 (REPLICA IDENTITY FULL) by comparing each old value in its output text and touching
 one matching row only, as duplicate rows are allowed there. Every update
-and delete must touch exactly one row (HL002), or the replica has diverged.
+and delete must touch exactly one row (HL002), or the replica has diverged;
+a delete without a key (a rewritten table, whose rows follow) empties the
+table.
 """
 
 from __future__ import annotations
@@ -38,10 +41,18 @@ import asyncpg
 
 from haproxy_ln.errors import ReplicationError, StaleEpoch
 from haproxy_ln.pgwire.sql import quote_ident, quote_literal
-from haproxy_ln.replication.record import Change, Ddl, Op, Record, Row, TruncateTables
+from haproxy_ln.replication.record import (
+    TEXT_SETTINGS,
+    Change,
+    Ddl,
+    Op,
+    Record,
+    Row,
+    TruncateTables,
+)
 from haproxy_ln.replication.stream import format_lsn, parse_lsn
 from haproxy_ln.store.schema import POSITION_MOVED, SCHEMA, STALE_EPOCH
-from haproxy_ln.store.statements import created_with_rows, ddl_statements
+from haproxy_ln.store.statements import added_if_missing, replay_statements
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +75,12 @@ async def raise_fence(conn: asyncpg.Connection, epoch: int, node: str) -> None:
         raise
 
 
-def hoist_created_tables(changes: Sequence[Change]) -> list[Change]:
-    """`changes` with each DDL that creates a table with rows (CREATE TABLE AS)
-    moved to just before the first row of that table."""
-    out = list(changes)
-    for ddl in [c for c in changes if isinstance(c, Ddl)]:
-        names = created_with_rows(ddl.sql)
-        first = next(
-            (i for i, c in enumerate(out) if isinstance(c, Row) and c.table in names), None
-        )
-        if first is not None and first < out.index(ddl):
-            out.remove(ddl)
-            out.insert(first, ddl)
-    return out
+# The client's settings a DDL statement is replayed under: they decide how its
+# date, time and interval literals read (a default of '2024-01-01 12:00').
+REPLAY_SETTINGS = ("TimeZone", "DateStyle", "IntervalStyle")
+# ... and the role it ran as, which owns what it creates: the daemon must own its
+# tables on the replica too, or it could not use them after a failover.
+ROLE = "role"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +172,7 @@ class Applier:
         await self.conn.execute(self._fence_sql())
         pending: list[str] = []
         for record in records:
-            for change in hoist_created_tables(record.changes):
+            for change in record.changes:
                 if isinstance(change, Ddl):
                     if pending:
                         await self.conn.execute(";\n".join(pending))
@@ -182,10 +186,40 @@ class Applier:
     async def _apply_ddl(self, ddl: Ddl) -> None:
         self._shapes.clear()
         path = ", ".join(quote_ident(s) for s in ddl.search_path) or "pg_catalog"
-        await self.conn.execute(f"SET LOCAL search_path = {path}")
-        for statement in ddl_statements(ddl.sql):
+        client = dict(ddl.settings)
+        role = [f"SET LOCAL ROLE {quote_ident(client[ROLE])}"] if ROLE in client else []
+        await self.conn.execute(
+            ";\n".join(
+                [f"SET LOCAL search_path = {path}", *role]
+                + [
+                    f"SET LOCAL {n} = {quote_literal(client[n])}"
+                    for n in REPLAY_SETTINGS
+                    if n in client
+                ]
+            )
+        )
+        existing = await self._existing_columns(ddl.sql) if ddl.missing else set()
+        for statement in replay_statements(ddl.sql, ddl.missing, existing):
             await self.conn.execute(statement)
-        await self.conn.execute("SET LOCAL search_path = pg_catalog")
+        await self.conn.execute(
+            ";\n".join(
+                ["SET LOCAL search_path = pg_catalog", "SET LOCAL ROLE NONE"]
+                + [f"SET LOCAL {n} = {quote_literal(TEXT_SETTINGS[n])}" for n in REPLAY_SETTINGS]
+            )
+        )
+
+    async def _existing_columns(self, sql: str) -> set[tuple[str, str]]:
+        """The (relation, column) of ADD COLUMN IF NOT EXISTS in `sql` that exist already."""
+        out = set()
+        for relation, column in added_if_missing(sql):
+            if await self.conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) "
+                "AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+                relation,
+                column,
+            ):
+                out.add((relation, column))
+        return out
 
     def _fence_sql(self) -> str:
         return f"SELECT {SCHEMA}.check_fence({self.epoch}, {quote_literal(self.node)})"
@@ -249,6 +283,8 @@ class Applier:
         def typed(column: str, value: str | None) -> str:
             return f"{quote_literal(value)}::text::{shape.types[column]}"
 
+        if row.op is Op.DELETE and not row.key_columns:
+            return f"DELETE FROM ONLY {name}"
         if row.op is Op.INSERT:
             cols = ", ".join(quote_ident(c) for c in row.columns)
             vals = ", ".join(typed(c, v) for c, v in zip(row.columns, row.values, strict=True))
