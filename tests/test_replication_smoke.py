@@ -58,6 +58,10 @@ def test_reseed_repairs_a_diverged_replica_but_not_one_fenced_higher(
     result = CliRunner().invoke(main, [*argv, "--epoch", "2"])
     assert result.exit_code == 0, result.output
     assert rows_digest(replica) == rows_digest(primary)
+    # The copy recreates schema public as initdb leaves it: every role may use it (the
+    # daemon's own role, after a failover), not only the owner.
+    usable = "SELECT has_schema_privilege('public', 'public', 'USAGE')"
+    assert replica.psql(usable).strip() == primary.psql(usable).strip() == "t"
     rep = ReplicatorProcess(primary, replica, tmp_path / "rep.log", epoch=2).start()
     try:
         primary.psql("INSERT INTO t VALUES (51)")

@@ -179,6 +179,9 @@ async def _wipe(conn: asyncpg.Connection) -> None:
     for (name,) in schemas:
         await conn.execute(f"DROP SCHEMA {quote_ident(name)} CASCADE")
     await conn.execute("CREATE SCHEMA IF NOT EXISTS public AUTHORIZATION pg_database_owner")
+    # As initdb leaves it in PostgreSQL 15: pg_dump writes only changes to this default,
+    # so without it every role but the owner would lose `public` on the replica.
+    await conn.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
 
 
 async def _prepare_replica(
