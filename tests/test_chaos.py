@@ -30,7 +30,8 @@ from types import SimpleNamespace
 import psycopg
 import pytest
 import trio
-from agent_harness import first, wait_for
+from agent_harness import Node as FakeDaemonNode
+from agent_harness import first, make_keys, wait_for
 from replication_harness import READY, ReplicatorProcess
 
 from haproxy_ln.agent.shell import HaShell
@@ -385,6 +386,39 @@ def test_an_agent_without_key_custody_starts_its_daemon(lone_node: AgentNode) ->
     lone_node.start()
     wait_for("the daemon", lambda: first(lone_node, "daemon.ready") is not None, 60, lone_node)
     assert first(lone_node, "keys.materialized") is None
+
+
+@pytest.mark.slow
+def test_an_agent_restarted_at_once_after_kill_9_keeps_its_slot_and_returns_to_sync(
+    tmp_path: Path, etcd: EtcdServer, pg_pair: tuple[PostgresCluster, PostgresCluster]
+) -> None:
+    """Restarted at once, the agent stood by until its own old key expired and dropped its
+    replication slot meanwhile, as a standby does; then it led again (it led the newest
+    epoch), and its replicator stopped for good: the slot was missing ("run haproxy-ln
+    reseed"), so the pair never returned to synchronous replication."""
+    kek, sealed = make_keys(tmp_path)
+    a = FakeDaemonNode("a", tmp_path / "a", pg_pair[0], etcd.endpoint)
+    b = FakeDaemonNode("b", tmp_path / "b", pg_pair[1], etcd.endpoint)
+    for node, peer in ((a, b), (b, a)):
+        node.base.mkdir()
+        node.write_config(peer, kek, sealed)
+    try:
+        a.start()
+        wait_for("a to lead", lambda: first(a, "daemon.ready") is not None, 60, a)
+        b.start()
+        wait_for("a synchronous with b", lambda: "synchronous with b" in a.log(), 60, a, b)
+        b.stop()  # only a can lead now; b's PostgreSQL stays its replica store
+        killed = a.kill()
+        a.start()
+        wait_for("a to lead again", lambda: first(a, "daemon.ready", killed) is not None, 60, a)
+        named = lambda: any(  # noqa: E731
+            e.kind == "sync.record" and e.fields.get("replica") == "b" and e.mono > killed
+            for e in a.events()
+        )
+        wait_for("a synchronous with b again", named, 60, a)
+    finally:
+        a.stop()
+        b.stop()
 
 
 # --- the CI set -------------------------------------------------------------------------------

@@ -281,7 +281,13 @@ class HaShell:
             self._store_down_since = None
         elif self._store_down_since is None:
             self._store_down_since = time.monotonic()
-        if local.slot_exists and self.state.role is ha.Role.STANDBY:
+        leader = self.view.leader
+        if (
+            local.slot_exists
+            and self.state.role is ha.Role.STANDBY
+            and leader is not None
+            and leader.node != self.node
+        ):
             await self._drop_stale_slot()
         view, lease = self.view, self.lease
         return ha.Snapshot(
@@ -314,7 +320,11 @@ class HaShell:
 
     async def _drop_stale_slot(self) -> None:
         # Housekeeping, not a decision: a standby's database is a replica store, and
-        # the slot it kept from leading would hold its WAL back forever.
+        # the slot it kept from leading would hold its WAL back forever. Only once
+        # another node leads: an agent restarted right after a kill -9 stands by until
+        # its own old key expires, and may lead again at once (its store fence shows it
+        # led the newest epoch); without its slot its replicator stopped for good ("run
+        # haproxy-ln reseed"). Found by the chaos suite, kill-active-agent.
         try:
             await self.local.drop_slot()
             log.info("dropped the replication slot left from leading: this node stands by")
