@@ -373,3 +373,16 @@ class ChaosPair:
 
     def remove(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
+
+    def save_logs(self, into: Path) -> Path:
+        """Copy the logs (agents', PostgreSQL's, etcd's, the events, the journals and the
+        chaos log) into the directory `into`; returns it."""
+        logs = [self.base / "chaos.jsonl", *self.base.glob("journal-*")]
+        logs += [*self.base.glob("*/*.log"), *self.base.glob("*/events.jsonl")]
+        logs += [*self.base.glob("*/pg/postgres.log"), *self.base.glob("etcd/*.log")]
+        for path in logs:
+            if path.is_file():
+                target = into / path.relative_to(self.base)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+        return into

@@ -10,8 +10,9 @@ seed, so each runs equally often. One trial:
 1. traffic for a random 0.5..3 s: the moment of the fault;
 2. the nemesis injects, holds and heals its fault (`nemesis.py`);
 3. recovery: `repair()` (heal every link, resume, free, restart what is
-   dead), then wait until the pair is whole again (one active, the other a
-   standby named in the sync record, a write acknowledged since the heal);
+   dead, and again every second meanwhile, as systemd's Restart= would),
+   until the pair is whole again (one active, the other a standby named in
+   the sync record, a write acknowledged since the heal);
 4. the checks: the simulator's checker against the active's database and
    the standby's (lost acknowledged writes, conflicting acknowledged
    states), the one-signer checks (`checker.check_signers`), the outage and
@@ -45,6 +46,7 @@ from haproxy_ln.sim.checker import LOST, CheckResult, check
 __all__ = ["ChaosOptions", "TrialResult", "run_chaos", "trial_seed"]
 
 RECOVERY_TIMEOUT = 120.0
+REPAIR_EVERY = 1.0  # seconds between repairs while waiting for the pair to be whole
 RATE = 20.0
 
 
@@ -106,7 +108,8 @@ class TrialResult:
 
     @property
     def ok(self) -> bool:
-        return self.safe and self.recovered and self.error is None
+        """Safe, recovered, and no agent exited on its own (a crash is a bug too)."""
+        return self.safe and self.recovered and self.error is None and not self.agent_exits
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "safe": self.safe, "ok": self.ok})
@@ -130,6 +133,7 @@ class Session:
         self.exits_seen = 0
 
     def fresh_pair(self) -> ChaosPair:
+        """Stop the pair in use, if any, and build a new one."""
         if self.pair is not None:
             self.pair.stop()
             if not self.options.keep:
@@ -179,13 +183,21 @@ def run_trial(session: Session, index: int) -> TrialResult:
     except (HaproxyLnError, OSError) as e:
         error = f"the nemesis failed: {e}"
     healed = time.monotonic()
-    for did in pair.repair():
-        pair.note(None, "repair", what=did)
+    repaired = 0.0
+
+    def whole() -> bool:
+        # Repair again now and then: a process may die during the recovery too (as
+        # systemd's Restart= would start it again).
+        nonlocal repaired
+        if time.monotonic() - repaired >= REPAIR_EVERY:
+            repaired = time.monotonic()
+            for did in pair.repair():
+                pair.note(None, "repair", what=did)
+        return pair.healthy(healed)
+
     recovered_at: float | None = None
     try:
-        recovered_at = wait_until(
-            "the pair to be whole again", lambda: pair.healthy(healed), RECOVERY_TIMEOUT
-        )
+        recovered_at = wait_until("the pair to be whole again", whole, RECOVERY_TIMEOUT)
         pair.note(None, "recovered")
     except PairFailed as e:
         error = error or f"{e}: {pair.describe()}"
@@ -319,6 +331,10 @@ def run_chaos(options: ChaosOptions, say: Say) -> list[TrialResult]:
                     say(f"  error: {result.error}")
                 for line in result.timeline:
                     say(f"  {line}")
+                if session.pair is not None:
+                    name = f"{options.results.stem}-trial-{index}-logs"
+                    saved = session.pair.save_logs(options.results.with_name(name))
+                    say(f"  logs: {saved}")
             if not result.recovered and index + 1 < options.trials:
                 session.fresh_pair()
     finally:
@@ -337,9 +353,10 @@ def _line(r: TrialResult) -> str:
     verdict = "ok" if r.ok else ("UNSAFE" if not r.safe else "NOT RECOVERED")
     recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.2f}"
     move = f"{r.active_before}->{r.active_after}" if r.failover else f"{r.active_after} stays"
+    exits = f" agent exits {r.agent_exits}" if r.agent_exits else ""
     return (
         f"trial {r.trial:4} {r.nemesis:24} seed {r.seed:10} {move:10} outage {r.outage_s:6.2f} s "
         f"recovery {recovery:>6} s lost {r.lost} conflicts {r.conflicts} overlaps {r.overlaps} "
         f"(paused {r.paused_overlaps}) unleased {r.unleased_daemon + r.unleased_keys} "
-        f"(paused {r.paused_unleased}): {verdict}"
+        f"(paused {r.paused_unleased}){exits}: {verdict}"
     )
