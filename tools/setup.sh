@@ -12,10 +12,12 @@ cd "$(dirname "$0")/.."
 
 # postgresql-15 brings psql, pg_isready and pgbench; Debian 12 has no separate
 # postgresql-contrib-15 (contrib is inside postgresql-15). systemd only for
-# `systemd-analyze verify` of our units; it is not started.
+# `systemd-analyze verify` of our units; it is not started. openssl makes the
+# certificates of the etcd TLS test; nodejs runs the polkit rule in its test.
 packages=(
     postgresql-15 etcd-server etcd-client pgbouncer
     python3-venv python3-dev gcc libffi-dev iproute2 procps systemd
+    openssl nodejs
 )
 
 say() { echo "setup: $*"; }
