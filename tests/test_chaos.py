@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
+import grpc.aio
 import psycopg
 import pytest
 import trio
@@ -38,10 +40,12 @@ from haproxy_ln.agent.shell import HaShell
 from haproxy_ln.chaos.checker import check_signers, leadership_intervals, outage
 from haproxy_ln.chaos.command import NEMESIS_NAMES
 from haproxy_ln.chaos.nemesis import NEMESES
-from haproxy_ln.config import HostPort, load
+from haproxy_ln.config import EtcdConfig, HostPort, load
+from haproxy_ln.coord.client import EtcdClient, _Unavailable
 from haproxy_ln.coord.model import Lease
 from haproxy_ln.daemon.sdnotify import SystemdNotifier
 from haproxy_ln.daemon.supervisor import DaemonState as SupervisorState
+from haproxy_ln.errors import CoordError
 from haproxy_ln.events import Event, EventLog, FieldValue, read_events
 from haproxy_ln.ha import HaState, Role, step
 from haproxy_ln.keys.lnd import LndCustody, LndSettings
@@ -306,6 +310,54 @@ def test_a_replica_store_that_refuses_writes_is_retried_not_fatal(
         wait_for("the replicator to be synchronous", synchronous, 60)
     finally:
         process.stop()
+
+
+def test_an_etcd_stream_reset_under_a_call_is_unavailable_not_a_refusal() -> None:
+    """gRPC reports a connection cut under a call as INTERNAL "Stream removed"; as a
+    CoordError it escaped the lease keepalive and ended the agent (partition-active-etcd,
+    at the heal)."""
+    client = EtcdClient(EtcdConfig(), None)
+    endpoint = HostPort("127.0.0.1", 2379)
+    reset = grpc.aio.AioRpcError(
+        grpc.StatusCode.INTERNAL,
+        details="Stream removed (RST_STREAM (Received RST_STREAM with error code 1))",
+    )
+    assert isinstance(client._error("lease keepalive", endpoint, reset), _Unavailable)
+    other = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, details="etcdserver: corrupt")
+    assert isinstance(client._error("lease keepalive", endpoint, other), CoordError)
+
+
+class _Refuses:
+    """A coord whose keepalive etcd refuses with an error that is not "unavailable"."""
+
+    calls = 0
+
+    async def keepalive(self, lease: Lease) -> None:
+        self.calls += 1
+        raise CoordError("etcd at 127.0.0.1:2379 refused lease keepalive: INTERNAL: ?")
+
+
+async def test_a_refused_lease_keepalive_does_not_end_the_agent(tmp_path: Path) -> None:
+    a = AgentNode("a", tmp_path, PostgresCluster(tmp_path / "pg"), "127.0.0.1:2379")
+    keys: dict[str, object] = {"adapter": "none", "kek_file": None, "cln_hsm_secret": None}
+    a.write_config(a, tmp_path, tmp_path, {}, keys=keys)
+    refuses = _Refuses()
+    async with trio.open_nursery() as nursery:
+        shell = HaShell(
+            load(a.config_path),
+            refuses,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            Gate(is_open=False),
+            None,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            EventLog(None, "a"),
+            nursery,
+            SystemdNotifier(None),
+        )
+        shell.lease = Lease(1, 2)
+        with trio.move_on_after(1.5):
+            await shell.keepalive()  # before the fix: raised at the first refusal
+        assert refuses.calls >= 2
 
 
 class _Hangs:

@@ -228,6 +228,8 @@ class HaShell:
             except CoordUnavailable as e:
                 log.warning("etcd: lease keepalive failed: %s", e)
                 self._set_reachable(False)
+            except CoordError as e:  # not renewed either: the deadline decides, not a crash
+                log.error("etcd: lease keepalive refused: %s", e)
             await trio.sleep(max(0.0, sent + self.timing.keepalive_interval - time.monotonic()))
 
     async def watch(self) -> None:
@@ -269,6 +271,8 @@ class HaShell:
             except CoordUnavailable as e:
                 log.debug("etcd: reading the keys failed: %s", e)
                 self._set_reachable(False)
+            except CoordError as e:  # the keys keep their last value, as when unreachable
+                log.error("etcd: reading the keys failed: %s", e)
         local = UNREACHABLE
         budget = self.config.replication.connect_timeout
         if deadline is not None:

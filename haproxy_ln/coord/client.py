@@ -279,6 +279,13 @@ class EtcdClient:
             return _Unavailable(f"unavailable: {message}", stale=False)
         if isinstance(exc, EtcdTransientError):
             return _Unavailable(message, stale=True)
+        if code == grpc.StatusCode.INTERNAL and (
+            "Stream removed" in message or "RST_STREAM" in message
+        ):
+            # The HTTP/2 stream was reset under the call (a connection cut or closed): the
+            # transport broke, etcd did not refuse. As a CoordError it ended the agent
+            # from its lease keepalive (found by the chaos suite, partition-active-etcd).
+            return _Unavailable(f"the connection broke: {message}", stale=True)
         if code == grpc.StatusCode.NOT_FOUND and "lease" in message:
             return LeaseLost(f"etcd no longer knows the lease ({message})")
         if self._config.user is None and "user name is empty" in message:
