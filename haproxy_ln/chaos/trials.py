@@ -350,7 +350,9 @@ def run_chaos(options: ChaosOptions, say: Say) -> list[TrialResult]:
 
 
 def _line(r: TrialResult) -> str:
-    verdict = "ok" if r.ok else ("UNSAFE" if not r.safe else "NOT RECOVERED")
+    verdict = "ok" if r.ok else "UNSAFE" if not r.safe else "NOT RECOVERED"
+    if r.safe and r.recovered and r.agent_exits:
+        verdict = "AGENT EXITED"
     recovery = "-" if r.recovery_s is None else f"{r.recovery_s:.2f}"
     move = f"{r.active_before}->{r.active_after}" if r.failover else f"{r.active_after} stays"
     exits = f" agent exits {r.agent_exits}" if r.agent_exits else ""
