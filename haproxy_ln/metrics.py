@@ -24,6 +24,14 @@ REPLICATION_APPLY_SECONDS = Histogram(
     "Time to apply one batch to the replica store, commit included",
     registry=REGISTRY,
 )
+COMMIT_WAIT_SECONDS = Histogram(
+    "haproxy_ln_commit_wait_seconds",
+    "From a source transaction's commit to the replicator confirming it durable in the "
+    "replica store: while synchronous, how long that COMMIT waited for the replica (the "
+    "replicator runs beside its primary, so both times come from one clock)",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+    registry=REGISTRY,
+)
 REPLICA_LSN = Gauge(
     "haproxy_ln_replica_lsn",
     "Source WAL position durable in the replica store (confirmed upstream)",

@@ -13,6 +13,7 @@ import pytest
 from harness import ProxyThread
 from replication_harness import ReplicatorProcess, rows_digest
 
+from haproxy_ln import metrics
 from haproxy_ln.config import ReplicationConfig
 from haproxy_ln.local import PostgresCluster
 from haproxy_ln.local.ports import LocalServerError
@@ -229,3 +230,36 @@ def test_a_restart_of_the_replica_store_is_survived(pg_pair: Pair, tmp_path: Pat
         assert rep.proc is not None and rep.proc.poll() is None, rep.log()
     finally:
         assert rep.stop() == 0, rep.log()
+
+
+def test_commit_wait_is_measured_per_replicated_transaction(pg_pair: Pair) -> None:
+    primary, replica = pg_pair
+    primary.psql("CREATE TABLE t (id int PRIMARY KEY)")
+    config = ReplicationConfig(source=primary.dsn(), replica=replica.dsn())
+    proxy = ProxyThread(primary, replication=config).start()
+    wait = metrics.COMMIT_WAIT_SECONDS
+    try:
+        before = metric_value(wait, "_count")
+        started = time.monotonic()
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            for i in range(5):
+                conn.execute("INSERT INTO t VALUES (%s)", (i,))
+        took = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while metric_value(wait, "_count") < before + 5:
+            assert time.monotonic() < deadline, "five commits, not five observations"
+            time.sleep(0.05)
+        waited = metric_value(wait, "_sum")
+        assert 0 < waited < took + 1.0  # each commit's wait lies within the whole run
+    finally:
+        proxy.stop()
+
+
+def metric_value(histogram: object, suffix: str) -> float:
+    """The histogram's total `_count` or `_sum` across its samples."""
+    return sum(
+        sample.value
+        for family in histogram.collect()  # type: ignore[attr-defined]
+        for sample in family.samples
+        if sample.name.endswith(suffix)
+    )

@@ -318,6 +318,9 @@ class Replicator:
             for record in batch:
                 confirmation.applied(record.end_lsn)
             await self._confirm(wal, confirmation)
+            confirmed = time.time()
+            for record in batch:  # commit_time: the primary's commit timestamp, in µs
+                metrics.COMMIT_WAIT_SECONDS.observe(max(0.0, confirmed - record.commit_time / 1e6))
             if self.config.txlog_retention_days and time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_INTERVAL
                 await bridge.call(_prune_txlog, store, self.config.txlog_retention_days)
