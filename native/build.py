@@ -92,7 +92,7 @@ ffibuilder.cdef(
     #define PGR_REQUESTED ...
 
     typedef struct pgr_conn { int reason; ...; } pgr_conn;
-    typedef struct pgr_relay { int notify_fd; ...; } pgr_relay;
+    typedef struct pgr_relay { int notify_fd; uint64_t relayed[2]; ...; } pgr_relay;
 
     int pgr_start(pgr_relay *r);
     void pgr_stop(pgr_relay *r);

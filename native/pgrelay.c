@@ -102,8 +102,10 @@ static int on_event(pgr_conn *c, int side, uint32_t events)
             return PGR_EOF;
         if (n < 0 && n != PGF_MORE)
             return PGR_ERROR;
-        if (n > 0)
+        if (n > 0) {
+            __atomic_fetch_add(&c->relay->relayed[side], (uint64_t)n, __ATOMIC_RELAXED);
             return forward(c, side);
+        }
     } else if (events & EPOLLHUP) {
         return PGR_EOF; /* cannot read now, and nothing will ever be written */
     }

@@ -67,6 +67,7 @@ typedef struct pgr_relay {
     pgr_conn *commands;
     pgr_conn *handbacks;
     int stop;
+    uint64_t relayed[2]; /* bytes read from clients [0] and from servers [1]; atomic */
 } pgr_relay;
 
 int pgr_start(pgr_relay *r);

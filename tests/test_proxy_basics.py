@@ -44,3 +44,22 @@ def test_connection_returns_to_the_relay_thread_after_python_handled_a_message(
         for i in range(3):
             assert conn.execute("select %s::int", (i,)).fetchone() == (i,)
         assert attaches(2)
+
+
+def test_bytes_relayed_are_counted_both_ways_by_every_implementation(
+    any_proxy: ProxyThread,
+) -> None:
+    before = any_proxy.call(any_proxy.proxy.bytes_relayed)
+    query = "select repeat('x', 100000)"
+    with psycopg.connect(any_proxy.dsn(), autocommit=True, connect_timeout=10) as conn:
+        for _ in range(3):
+            assert len(conn.execute(query).fetchone()[0]) == 100000  # type: ignore[index]
+    deadline = time.monotonic() + 10
+    while True:
+        to_server, to_client = any_proxy.call(any_proxy.proxy.bytes_relayed)
+        grew = (to_server - before[0], to_client - before[1])
+        if grew[1] >= 300_000 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert grew[0] >= 3 * len(query), grew  # every query text went to the server
+    assert 300_000 <= grew[1] < 400_000, grew  # three 100 kB rows came back, and little else

@@ -57,6 +57,10 @@ class NativeRelay:
         self._lent: dict[int, Attachment] = {}
         self._out = ffi.new("pgr_conn *[]", _BATCH)
 
+    def relayed(self) -> tuple[int, int]:
+        """Bytes the relay thread has read from clients and from servers so far."""
+        return int(self.r.relayed[0]), int(self.r.relayed[1])
+
     def attach(
         self, client_fd: int, server_fd: int, to_server: object, to_client: object, session: object
     ) -> Attachment:

@@ -70,6 +70,7 @@ class AgentSource:
         daemon = shell.daemon.status()
         gate = shell.gate
         stats = self.proxy.stats
+        to_server, to_client = self.proxy.bytes_relayed()
         return NodeReport(
             node=shell.node,
             peer=shell.config.node.peer,
@@ -104,6 +105,8 @@ class AgentSource:
                 cancels_withheld=stats.cancels_withheld,
                 cancels_unmatched=stats.cancels_unmatched,
                 protocol_errors=stats.protocol_errors,
+                bytes_to_server=to_server,
+                bytes_to_client=to_client,
                 framing=self.proxy.implementation.name,
                 native=framing.NATIVE,
                 native_problem=framing.native_problem,

@@ -134,8 +134,17 @@ def _families(report: NodeReport | None) -> Iterator[Metric]:
         cancels.add_metric(["forwarded"], proxy.cancels_forwarded)
         cancels.add_metric(["withheld"], proxy.cancels_withheld)
         cancels.add_metric(["unmatched"], proxy.cancels_unmatched)
+    relayed = CounterMetricFamily(
+        "haproxy_ln_proxy_bytes_relayed",
+        "Bytes relayed by the proxy: to_server (from clients) and to_client (from PostgreSQL)",
+        labels=["direction"],
+    )
+    if proxy is not None:
+        relayed.add_metric(["to_server"], proxy.bytes_to_server)
+        relayed.add_metric(["to_client"], proxy.bytes_to_client)
     yield rejected
     yield cancels
+    yield relayed
     yield counter(
         "haproxy_ln_proxy_protocol_errors",
         "Client connections ended for breaking the PostgreSQL protocol",

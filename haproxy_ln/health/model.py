@@ -118,6 +118,8 @@ class ProxyFacts:
     cancels_withheld: int
     cancels_unmatched: int
     protocol_errors: int
+    bytes_to_server: int  # relayed from clients to PostgreSQL
+    bytes_to_client: int  # relayed from PostgreSQL to clients
     framing: str  # "native C" or "pure-Python"
     native: bool  # the C extension is importable (haproxy_ln.framing.NATIVE)
     native_problem: str | None

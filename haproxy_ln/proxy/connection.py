@@ -264,7 +264,7 @@ class ClientConnection:
             self._client_idle = True  # everything the client sent has been handled
             await trio.lowlevel.wait_readable(self._client_fd)
             self._client_idle = False
-            if c.recv(self._client_fd) == 0:
+            if self._recv(c, self._client_fd) == 0:
                 return
 
     async def _pump_to_client(self, until_quiet: bool) -> None:
@@ -289,7 +289,7 @@ class ClientConnection:
                 self._quiet = True
                 return
             await trio.lowlevel.wait_readable(self._server_fd)
-            if s.recv(self._server_fd) == 0:
+            if self._recv(s, self._server_fd) == 0:
                 return
 
     def _is_quiet(self) -> bool:
@@ -312,9 +312,20 @@ class ClientConnection:
     async def _next_held(self, framer: FramerAPI, sock: trio.socket.SocketType, fd: int) -> int:
         while (t := framer.next()) == codes.MORE:
             await trio.lowlevel.wait_readable(sock)
-            if framer.recv(fd) == 0:
+            if self._recv(framer, fd) == 0:
                 raise ClientGone
         return t
+
+    def _recv(self, framer: FramerAPI, fd: int) -> int:
+        """framer.recv(fd), counting the bytes relayed (the relay thread counts its own)."""
+        n = framer.recv(fd)
+        if n > 0:
+            stats = self._proxy.stats
+            if fd == self._client_fd:
+                stats.bytes_from_clients += n
+            else:
+                stats.bytes_from_servers += n
+        return n
 
     @staticmethod
     async def _flush(framer: FramerAPI, sock: trio.socket.SocketType | None, fd: int) -> None:

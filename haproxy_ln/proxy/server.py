@@ -50,6 +50,8 @@ class ProxyStats:
     cancels_unmatched: int = 0
     protocol_errors: int = 0
     relay_attaches: int = 0  # connections lent to the C relay thread (again)
+    bytes_from_clients: int = 0  # relayed by Python's pumps (see Proxy.bytes_relayed)
+    bytes_from_servers: int = 0
 
 
 class Proxy:
@@ -106,6 +108,15 @@ class Proxy:
         finally:
             if self.relay is not None:
                 self.relay.close()
+
+    def bytes_relayed(self) -> tuple[int, int]:
+        """Bytes relayed so far (from clients to servers, from servers to clients), by
+        Python's pumps and the relay thread together."""
+        to_server, to_client = self.stats.bytes_from_clients, self.stats.bytes_from_servers
+        if self.relay is not None:
+            from_clients, from_servers = self.relay.relayed()
+            to_server, to_client = to_server + from_clients, to_client + from_servers
+        return to_server, to_client
 
     def stop(self) -> None:
         """Stop accepting and terminate every client; serve() then returns."""
