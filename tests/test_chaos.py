@@ -2,11 +2,14 @@
 
 - The checker's interval logic on hand-made events (no servers).
 - A 3-member etcd cluster survives the loss of its leader.
-- Regression tests for the product bugs the suite found: an asyncio error
-  nobody awaited ended the agent (kill-etcd-leader); a replica link that
-  drops packets hung the replicator forever (partition-replica-link); the
-  agent never started the daemon with the lnd or "none" key adapters; an
-  lnd that crashed and was started again was never unlocked.
+- Regression tests for the bugs the suite found (docs/reliability.md lists
+  them): an asyncio error nobody awaited ended the agent; a replica link
+  that drops packets hung the replicator forever; the agent never started
+  the daemon with the lnd or "none" key adapters; a restarted lnd was never
+  unlocked; SIGSTOP/SIGKILL of a PostgreSQL reached only its postmaster; a
+  database error ended the agent; an etcd stream reset ended the agent; the
+  observation delayed the self-fence past the earliest lease expiry; an
+  agent restarted at once after kill -9 dropped the slot it needed.
 - The CI set: `haproxy-ln chaos` runs every nemesis once in cln mode and
   once in lnd mode (so every nemesis twice), and every trial must be safe
   (no lost or conflicting acknowledged write, one signer, no daemon without
