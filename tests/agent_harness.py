@@ -7,16 +7,18 @@ port (the readiness probe), so "keys materialized before the daemon" and
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from haproxy_ln.events import Event
+from haproxy_ln.local import PostgresCluster
 from haproxy_ln.local.pair import AgentNode, make_keys, one_signer_overlaps
 from haproxy_ln.local.ports import free_port
 
-__all__ = ["TTL", "Node", "check_one_signer", "first", "make_keys", "wait_for"]
+__all__ = ["TTL", "Node", "check_one_signer", "first", "make_keys", "pair_of", "wait_for"]
 
 FAKE_DAEMON = """
 import pathlib, socket, sys
@@ -58,6 +60,26 @@ class Node(AgentNode):
             "stop_timeout": 5.0,
         }
         return super().write_config(peer, kek, sealed, daemon, **sections)
+
+
+@contextlib.contextmanager
+def pair_of(
+    base: Path, pgs: tuple[PostgresCluster, PostgresCluster], etcd_endpoints: tuple[str, str]
+) -> Iterator[tuple[Node, Node]]:
+    """Nodes a and b (not started) configured as a pair with the fake daemon; each reaches
+    etcd at its own endpoint (a fault proxy, say). Both are stopped when the block ends."""
+    kek, sealed = make_keys(base)
+    a = Node("a", base / "a", pgs[0], etcd_endpoints[0])
+    b = Node("b", base / "b", pgs[1], etcd_endpoints[1])
+    for node in (a, b):
+        node.base.mkdir()
+    a.write_config(b, kek, sealed)
+    b.write_config(a, kek, sealed)
+    try:
+        yield a, b
+    finally:
+        for node in (a, b):
+            node.stop()
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout: float, *nodes: AgentNode) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_harness import TTL, Node, check_one_signer, first, make_keys, wait_for
+from agent_harness import TTL, Node, check_one_signer, first, pair_of, wait_for
 from faultproxy import FaultProxy
 
 from haproxy_ln.events import Event
@@ -42,18 +42,8 @@ def pair(
     etcd_link: FaultProxy,
     pg_pair: tuple[PostgresCluster, PostgresCluster],
 ) -> Iterator[tuple[Node, Node]]:
-    kek, sealed = make_keys(tmp_path)
-    a = Node("a", tmp_path / "a", pg_pair[0], etcd_link.endpoint)
-    b = Node("b", tmp_path / "b", pg_pair[1], etcd.endpoint)
-    for node in (a, b):
-        node.base.mkdir()
-    a.write_config(b, kek, sealed)
-    b.write_config(a, kek, sealed)
-    try:
-        yield a, b
-    finally:
-        for node in (a, b):
-            node.stop()
+    with pair_of(tmp_path, pg_pair, (etcd_link.endpoint, etcd.endpoint)) as nodes:
+        yield nodes
 
 
 def active_node(*nodes: Node) -> Node | None:

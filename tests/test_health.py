@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import trio
-from agent_harness import Node, first, make_keys, wait_for
+from agent_harness import Node, first, pair_of, wait_for
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
@@ -595,18 +595,8 @@ ACTIVE_WITHIN = 60.0
 def pair(
     tmp_path: Path, etcd: EtcdServer, pg_pair: tuple[PostgresCluster, PostgresCluster]
 ) -> Iterator[tuple[Node, Node]]:
-    kek, sealed = make_keys(tmp_path)
-    a = Node("a", tmp_path / "a", pg_pair[0], etcd.endpoint)
-    b = Node("b", tmp_path / "b", pg_pair[1], etcd.endpoint)
-    for node in (a, b):
-        node.base.mkdir()
-    a.write_config(b, kek, sealed)
-    b.write_config(a, kek, sealed)
-    try:
-        yield a, b
-    finally:
-        for node in (a, b):
-            node.stop()
+    with pair_of(tmp_path, pg_pair, (etcd.endpoint, etcd.endpoint)) as nodes:
+        yield nodes
 
 
 def get(node: Node, path: str, method: str = "GET") -> tuple[int, bytes]:
