@@ -70,7 +70,15 @@ from typing import Any, TypeVar
 import trio
 
 from bench.probes import BenchError
-from bench.proxy import cpu_model, format_table, mem_total, progress, sigterm_as_interrupt, verdict
+from bench.proxy import (
+    cpu_model,
+    first_line,
+    format_table,
+    mem_total,
+    progress,
+    sigterm_as_interrupt,
+    verdict,
+)
 from bench.replication import REPO, changed_files, code_stamp, git_revision
 from haproxy_ln import __version__
 from haproxy_ln.agent.switchover import switchover
@@ -534,15 +542,6 @@ def run_trials(pair: Pair, opts: Options, results: Results) -> None:
 # --- facts about the run -------------------------------------------------------------------
 
 
-def _first_line(argv: Sequence[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    except OSError as e:
-        return f"unknown ({e})"
-    lines = (done.stdout or done.stderr).strip().splitlines()
-    return lines[0] if lines else "unknown"
-
-
 def uncommitted() -> str:
     """The files of haproxy_ln/ that differ from the commit (others work in this tree)."""
     try:
@@ -568,15 +567,15 @@ def facts(pair: Pair, opts: Options) -> list[tuple[str, str]]:
     """The command line, machine, versions and settings, as label/value pairs."""
     config = load(pair.a.agent.config_path)
     ha = config.ha
-    keepalive = ha.keepalive_interval or ha.lease_ttl / 3
+    keepalive = ha.timing().keepalive_interval
     return [
         ("command", shlex.join(sys.orig_argv)),
         ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
         ("machine", f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {mem_total()}"),
         ("CPU", cpu_model()),
         ("kernel", f"{platform.system()} {platform.release()}"),
-        ("PostgreSQL", _first_line([str(pg_bin_dir() / "postgres"), "--version"])),
-        ("etcd", _first_line([etcd_binary(), "--version"])),
+        ("PostgreSQL", first_line([str(pg_bin_dir() / "postgres"), "--version"])),
+        ("etcd", first_line([etcd_binary(), "--version"])),
         ("haproxy-ln", __version__),
         ("haproxy-ln commit", git_revision()),
         ("uncommitted at start", uncommitted()),

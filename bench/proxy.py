@@ -253,12 +253,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
 # --- facts about the run -------------------------------------------------------------------
 
 
-def _first_line(argv: Sequence[str]) -> str:
+def first_line(argv: Sequence[str]) -> str:
+    """The first line a command prints (its version, say), or "unknown"."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     except OSError as e:
         return f"unknown ({e})"
-    return (done.stdout or done.stderr).strip().splitlines()[0]
+    lines = (done.stdout or done.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
 
 
 def cpu_model() -> str:
@@ -287,9 +289,9 @@ def facts(opts: Options, bouncer: PgBouncer, native: bool) -> list[tuple[str, st
         ("machine", f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {mem_total()}"),
         ("CPU", cpu_model()),
         ("kernel", f"{platform.system()} {platform.release()}"),
-        ("PostgreSQL", _first_line([str(pg_bin_dir() / "postgres"), "--version"])),
-        ("pgbench", _first_line(["pgbench", "--version"])),
-        ("PgBouncer", _first_line(["/usr/sbin/pgbouncer", "--version"])),
+        ("PostgreSQL", first_line([str(pg_bin_dir() / "postgres"), "--version"])),
+        ("pgbench", first_line(["pgbench", "--version"])),
+        ("PgBouncer", first_line(["/usr/sbin/pgbouncer", "--version"])),
         ("haproxy-ln", f"{__version__}, framer: {'native C' if native else 'pure Python'}"),
         ("Python / trio", f"{platform.python_version()} / {trio.__version__}"),
         ("PostgreSQL settings", ", ".join(f"{k}={v}" for k, v in PG_SETTINGS.items())),

@@ -68,6 +68,7 @@ from pathlib import Path
 from bench.probes import BenchError, cpu_seconds, parse_pgbench, pgbench_argv
 from bench.proxy import (
     cpu_model,
+    first_line,
     format_table,
     init_pgbench,
     mem_total,
@@ -738,14 +739,6 @@ def measure_copy(base: Path, scale: int) -> CopyResult:
 # --- facts about the run -------------------------------------------------------------------
 
 
-def _first_line(argv: Sequence[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    except OSError as e:
-        return f"unknown ({e})"
-    return (done.stdout or done.stderr).strip().splitlines()[0]
-
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -793,8 +786,8 @@ def facts(opts: Options, native: bool) -> list[tuple[str, str]]:
         ("machine", f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {mem_total()}"),
         ("CPU", cpu_model()),
         ("kernel", f"{platform.system()} {platform.release()}"),
-        ("PostgreSQL", _first_line([str(pg_bin_dir() / "postgres"), "--version"])),
-        ("pgbench", _first_line(["pgbench", "--version"])),
+        ("PostgreSQL", first_line([str(pg_bin_dir() / "postgres"), "--version"])),
+        ("pgbench", first_line(["pgbench", "--version"])),
         ("haproxy-ln", f"{__version__}, framer: {'native C' if native else 'pure Python'}"),
         ("haproxy-ln commit", git_revision()),
         (
