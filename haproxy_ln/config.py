@@ -596,6 +596,15 @@ class DaemonConfig(_Section):
         mode, key = info.data.get("mode"), info.field_name or ""
         if mode is None:  # itself invalid
             return argv
+        if argv is not None and (not argv or not argv[0]):
+            raise PydanticCustomError(
+                "argv",
+                "expected {expected}",
+                {
+                    "expected": 'a program and its arguments, e.g. ["lightningd"]; the program '
+                    "is empty"
+                },
+            )
         used_in = _ARGV_MODES.get(key, "command")
         _check_only_when(argv, key, "mode", mode, used_in, required=key in _ARGV_MODES)
         return argv
@@ -639,12 +648,6 @@ def _check_only_when(
     required: bool,
 ) -> None:
     """Raises PydanticCustomError, saying what to set, unless `value` suits `switch` = `chosen`."""
-    if isinstance(value, tuple) and (not value or not value[0]):
-        raise PydanticCustomError(
-            "argv",
-            "expected {expected}",
-            {"expected": 'a program and its arguments, e.g. ["lightningd"]; the program is empty'},
-        )
     used_in = (used_in,) if isinstance(used_in, str) else used_in
     if chosen in used_in and value is None and required:
         raise PydanticCustomError("missing", f"required when {switch} = {chosen!r}")
@@ -798,19 +801,9 @@ class KeysConfig(_Section):
         adapter, key = info.data.get("adapter"), info.field_name or ""
         if adapter is None:  # itself invalid
             return value
-        used_in = _KEYS_USED_IN[key]
-        if adapter in used_in and value is None and key in _KEYS_REQUIRED:
-            raise PydanticCustomError("missing", f"required when adapter = {adapter!r}")
-        if adapter not in used_in and value is not None:
-            raise PydanticCustomError(
-                "unused_setting",
-                "expected {expected}; {reason}",
-                {
-                    "expected": f"no {key}: it is used only when adapter is "
-                    + " or ".join(f'"{a}"' for a in used_in),
-                    "reason": f'adapter is "{adapter}"',
-                },
-            )
+        _check_only_when(
+            value, key, "adapter", adapter, _KEYS_USED_IN[key], required=key in _KEYS_REQUIRED
+        )
         if key == "eclair_seeds" and value is not None:
             _check_eclair_seeds(value)
         if key == "command_files" and value is not None:

@@ -403,7 +403,7 @@ def test_settings_of_another_adapter_are_errors() -> None:
     )
     assert problems == [
         "keys.lnd_rpc: got '127.0.0.1:10009'; expected no lnd_rpc: it is used only when adapter "
-        'is "lnd"; adapter is "cln"'
+        '= "lnd"; adapter is "cln"'
     ]
 
 
