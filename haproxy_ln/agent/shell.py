@@ -133,8 +133,8 @@ class HaShell:
             self.state, self.reason = decision.state, decision.reason
             failed = False
             for action in decision.actions:
-                failed |= not await self._carry_out(action, snapshot)
-            self._set_gate_expiry(snapshot)
+                failed |= not await self._carry_out(action)
+            self._set_gate_expiry()
             self._set_replica_guard(snapshot)
             if decision.actions and not failed:
                 continue  # their outcomes are the next snapshot's facts
@@ -183,6 +183,11 @@ class HaShell:
         self.events.emit("takeover.timeline", **{k.replace(" ", "_"): v for k, v in steps.items()})
         self.last_timeline, self.timeline = steps, []
 
+    def _time_to_fence(self) -> float:
+        """Seconds left before the self-fence deadline (0 once passed; inf without one)."""
+        deadline = self._deadline()
+        return math.inf if deadline is None else max(0.0, deadline - time.monotonic())
+
     def _deadline(self) -> float | None:
         if self.lease is None or self.last_keepalive_sent is None:
             return None
@@ -202,7 +207,7 @@ class HaShell:
         elif replicator.guards_gate:
             replicator.stop_guarding()
 
-    def _set_gate_expiry(self, snapshot: ha.Snapshot) -> None:
+    def _set_gate_expiry(self) -> None:
         # Only a leader opens the gate; it must not outlive the lease (see proxy.gate).
         self.gate.expires_at = self._deadline() if self.gate.opened else None
 
@@ -262,9 +267,8 @@ class HaShell:
         earliest moment etcd could expire the lease (found by the chaos suite,
         partition-active-etcd); a paused local PostgreSQL held the loop for good.
         """
-        deadline = self._deadline() if self.state.role in _LEADING else None
-        budget = math.inf if deadline is None else max(0.0, deadline - time.monotonic())
-        with trio.move_on_after(budget):
+        leading = self.state.role in _LEADING
+        with trio.move_on_after(self._time_to_fence() if leading else math.inf):
             try:
                 self.view = await self.coord.view()
                 self._set_reachable(True)
@@ -275,16 +279,13 @@ class HaShell:
                 log.error("etcd: reading the keys failed: %s", e)
         local = UNREACHABLE
         budget = self.config.replication.connect_timeout
-        if deadline is not None:
-            budget = min(budget, max(0.0, deadline - time.monotonic()))
+        if leading:  # the time left now, after reading etcd
+            budget = min(budget, self._time_to_fence())
         with trio.move_on_after(budget) as scope:
             local = await self.local.facts()
         if scope.cancelled_caught:
             self.local.abandon()
-        if local.reachable:
-            self._store_down_since = None
-        elif self._store_down_since is None:
-            self._store_down_since = time.monotonic()
+        self._store_down_since = _down_since(local.reachable, self._store_down_since)
         leader = self.view.leader
         if (
             local.slot_exists
@@ -340,10 +341,7 @@ class HaShell:
         if replicator is None:
             return None
         status = replicator.status
-        if status.streaming:
-            self._replica_down_since = None
-        elif self._replica_down_since is None:
-            self._replica_down_since = time.monotonic()
+        self._replica_down_since = _down_since(status.streaming, self._replica_down_since)
         return ha.ReplicaFacts(
             epoch=replicator.epoch,
             unreachable_since=self._replica_down_since,
@@ -353,13 +351,11 @@ class HaShell:
 
     # --- acting -----------------------------------------------------------------------------
 
-    async def _carry_out(self, action: ha.Action, snapshot: ha.Snapshot) -> bool:
+    async def _carry_out(self, action: ha.Action) -> bool:
         """Do `action`, cut off at the self-fence deadline; False (logged) if it failed."""
-        deadline = self._deadline()
-        budget = math.inf if deadline is None else deadline - time.monotonic()
-        with trio.move_on_after(max(0.0, budget)) as scope:
+        with trio.move_on_after(self._time_to_fence()) as scope:
             try:
-                await self._do(action, snapshot)
+                await self._do(action)
                 return True
             except (HaproxyLnError, OSError, *bridge.CONNECTION_LOST) as e:
                 log.warning("%s failed: %s", type(action).__name__, e)
@@ -368,7 +364,7 @@ class HaShell:
             log.warning("%s cut off at the self-fence deadline", type(action).__name__)
         return False
 
-    async def _do(self, action: ha.Action, snapshot: ha.Snapshot) -> None:
+    async def _do(self, action: ha.Action) -> None:
         match action:
             case ha.KillDaemon():
                 await self.daemon.kill("self-fence or lost leadership")
@@ -485,3 +481,10 @@ class HaShell:
                     log.error("replication stopped: %s", error)
                 replicator.status.streaming = False
                 await trio.sleep_forever()
+
+
+def _down_since(up: bool, since: float | None) -> float | None:
+    """Since when something has been down: None while up, else the first time seen down."""
+    if up:
+        return None
+    return time.monotonic() if since is None else since
