@@ -216,6 +216,11 @@ class HaShell:
         ttl = math.ceil(self.timing.lease_ttl)
         while True:
             sent = time.monotonic()
+            if self.lease is None and self.state.role is ha.Role.FENCED:
+                # A fenced node tears down before it does anything else: a new lease
+                # waits until the loop has it standing by.
+                await trio.sleep(self.timing.keepalive_interval)
+                continue
             try:
                 if self.lease is None:
                     self.lease = await self.coord.grant_lease(ttl)
@@ -352,8 +357,14 @@ class HaShell:
     # --- acting -----------------------------------------------------------------------------
 
     async def _carry_out(self, action: ha.Action) -> bool:
-        """Do `action`, cut off at the self-fence deadline; False (logged) if it failed."""
-        with trio.move_on_after(self._time_to_fence()) as scope:
+        """Do `action`, cut off at the self-fence deadline; False (logged) if it failed.
+
+        Past the deadline the actions are the fence itself (kill, destroy the keys, close
+        the gate): they are never cut off, or a node cut off from etcd, whose lease is
+        still set but expired, would abandon its own teardown at its first checkpoint.
+        """
+        left = self._time_to_fence()
+        with trio.move_on_after(left if left > 0 else math.inf) as scope:
             try:
                 await self._do(action)
                 return True
