@@ -9,8 +9,6 @@ lnd's tls.cert.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import threading
 import time
@@ -22,10 +20,6 @@ from pathlib import Path
 import grpc
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from haproxy_ln.config import HostPort, KeysConfig
 from haproxy_ln.errors import KeyCustodyError, LndError, LndUnreachable, WrongWalletPassword
@@ -34,6 +28,7 @@ from haproxy_ln.keys import PASSWORD_ROLE, LndCustody, WalletState, custody_from
 from haproxy_ln.keys.lnd import LndSettings
 from haproxy_ln.keys.lnrpc import decode_unlock_request, encode_get_state_response
 from haproxy_ln.keys.sealing import Kek, KekSource, seal
+from haproxy_ln.sim.wallet import self_signed
 
 PASSWORD = b"correct horse battery staple 42"
 
@@ -45,35 +40,8 @@ class TlsIdentity:
 
 
 def make_tls_identity() -> TlsIdentity:
-    """A self-signed P-256 certificate for localhost and 127.0.0.1, like lnd's tls.cert."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake lnd")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return TlsIdentity(
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+    """A self-signed certificate for localhost and 127.0.0.1, like lnd's tls.cert."""
+    return TlsIdentity(*self_signed([]))
 
 
 class FakeLnd:

@@ -38,12 +38,14 @@ from haproxy_ln.keys.lnrpc import (
     encode_get_state_response,
 )
 
-__all__ = ["WalletServer", "load_or_create_tls"]
+__all__ = ["WalletServer", "load_or_create_tls", "self_signed"]
 
 _CERT_DAYS = 365 * 10  # lnd's default validity is 14 months; a drill tool can keep its own
 
 
-def _self_signed(hosts: list[str]) -> tuple[bytes, bytes]:
+def self_signed(hosts: list[str]) -> tuple[bytes, bytes]:
+    """A self-signed P-256 certificate for localhost and `hosts`, like lnd's tls.cert:
+    (certificate PEM, key PEM)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "haproxy-ln simulated lnd")])
     names: list[x509.GeneralName] = []
@@ -92,7 +94,7 @@ def load_or_create_tls(cert_path: Path, key_path: Path, host: str) -> tuple[byte
     try:
         if cert_path.exists() and key_path.exists():
             return cert_path.read_bytes(), key_path.read_bytes()
-        cert, key = _self_signed([host])
+        cert, key = self_signed([host])
         _write_new(key_path, key, 0o600)
         _write_new(cert_path, cert, 0o644)
         return cert, key
