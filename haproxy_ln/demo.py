@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -38,6 +39,7 @@ from haproxy_ln.agent.switchover import switchover
 from haproxy_ln.config import load
 from haproxy_ln.demo_chart import Lane, Mark, write_svg
 from haproxy_ln.errors import HaproxyLnError
+from haproxy_ln.events import Event
 from haproxy_ln.local import EtcdServer, PostgresCluster, scratch_dir
 from haproxy_ln.local.pair import (
     AgentNode,
@@ -54,6 +56,7 @@ RATE = 50  # simulated channel updates per second
 TIMEOUT = 90.0  # seconds any one phase may take before the demo gives up
 
 Say = Callable[[str], None]
+T = TypeVar("T")
 
 
 class DemoFailed(HaproxyLnError):
@@ -127,25 +130,23 @@ class Demo:
 
     def wait(self, node: AgentNode, kind: str, after: float, what: str) -> float:
         """Wait for `node`'s event `kind` at or after `after`; its monotonic time."""
-        deadline = time.monotonic() + TIMEOUT
-        while (found := node.first(kind, after)) is None:
-            if time.monotonic() > deadline:
-                raise DemoFailed(f"timed out waiting for {what}; see {node.log_path}")
-            time.sleep(0.02)
+        found = _poll(lambda: node.first(kind, after), f"{what}; see {node.log_path}")
         return found.mono
 
     def wait_sync(self, active: AgentNode, standby: AgentNode, after: float) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while not any(
-            e.kind == "sync.record" and e.fields.get("replica") == standby.name and e.mono >= after
-            for e in active.events()
-        ):
-            if time.monotonic() > deadline:
-                raise DemoFailed(
-                    f"{active.name} did not become synchronous with {standby.name}; "
-                    f"see {active.log_path}"
-                )
-            time.sleep(0.05)
+        def record() -> Event | None:
+            return next(
+                (
+                    e
+                    for e in active.events()
+                    if e.kind == "sync.record"
+                    and e.fields.get("replica") == standby.name
+                    and e.mono >= after
+                ),
+                None,
+            )
+
+        _poll(record, f"{active.name} synchronous with {standby.name}; see {active.log_path}")
         self.say(f"node {active.name} replicates synchronously to node {standby.name}")
 
     def acks(self, node: AgentNode, after: float = 0.0) -> list[float]:
@@ -154,11 +155,7 @@ class Demo:
         return [r.mono for r in records if r.kind == "ack" and r.mono >= after]
 
     def first_ack(self, node: AgentNode, after: float, what: str) -> float:
-        deadline = time.monotonic() + TIMEOUT
-        while not (acks := self.acks(node, after)):
-            if time.monotonic() > deadline:
-                raise DemoFailed(f"no write acknowledged on {node.name} after {what}")
-            time.sleep(0.02)
+        acks = _poll(lambda: self.acks(node, after) or None, f"a write on {node.name} after {what}")
         return acks[0]
 
     def traffic(self, node: AgentNode, seconds: float) -> None:
@@ -286,6 +283,16 @@ def run_demo(seconds: float, keep: bool, chart: Path, say: Say) -> DemoSummary:
             demo.stop()
             if not keep:
                 shutil.rmtree(base, ignore_errors=True)
+
+
+def _poll(find: Callable[[], T | None], what: str) -> T:
+    """Poll `find` until it returns something; raises DemoFailed after TIMEOUT seconds."""
+    deadline = time.monotonic() + TIMEOUT
+    while (found := find()) is None:
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"timed out waiting for {what}")
+        time.sleep(0.02)
+    return found
 
 
 def _explore(demo: Demo) -> None:
