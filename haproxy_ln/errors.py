@@ -42,8 +42,9 @@ class SetupError(ReplicationError):
 class ServerError(ReplicationError):
     """PostgreSQL answered a replication or bootstrap command with an ErrorResponse."""
 
-    def __init__(self, sqlstate: str, message: str) -> None:
+    def __init__(self, sqlstate: str, message: str, detail: str | None = None) -> None:
         self.sqlstate = sqlstate
+        self.detail = detail
         super().__init__(f"{message} (SQLSTATE {sqlstate})")
 
 

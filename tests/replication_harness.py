@@ -28,7 +28,9 @@ class ReplicatorProcess:
         epoch: int = 1,
         mode: str = "sync",
         dbname: str = "postgres",
+        replica_query: str = "",
     ) -> None:
+        """`replica_query` is appended to the replica's URL (`?sslmode=...`)."""
         self.primary = primary
         self.replica = replica
         self.log_path = log_path
@@ -40,7 +42,7 @@ class ReplicatorProcess:
             "--source",
             primary.dsn(dbname=dbname),
             "--replica",
-            replica.dsn(dbname=dbname),
+            replica.dsn(dbname=dbname) + replica_query,
             "--epoch",
             str(epoch),
             "--mode",

@@ -8,6 +8,7 @@ return bytes ready to send.
 
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from haproxy_ln.errors import ProtocolViolation
@@ -134,9 +135,43 @@ def query(sql: str) -> bytes:
     return build(b"Q", sql.encode() + b"\0")
 
 
-def parse(name: bytes, sql: str) -> bytes:
-    """A Parse message with no parameter types."""
-    return build(b"P", name + b"\0" + sql.encode() + b"\0" + b"\0\0")
+TEXT_OID, BYTEA_OID = 25, 17
+SYNC = build(b"S", b"")
+_EXECUTE_ALL = build(b"E", b"\0\0\0\0\0")  # unnamed portal, no row limit
+
+
+def parse(name: bytes, sql: str, param_types: Iterable[int] = ()) -> bytes:
+    """A Parse message preparing `sql` as statement `name` (b"" for the unnamed one)."""
+    types = tuple(param_types)
+    return build(
+        b"P",
+        name + b"\0" + sql.encode() + b"\0" + struct.pack(f"!H{len(types)}I", len(types), *types),
+    )
+
+
+def bind_execute(name: bytes, params: Iterable[bytes | None], binary: Iterable[bool] = ()) -> bytes:
+    """Bind `params` to statement `name` in the unnamed portal and execute it all.
+
+    Parameters are sent in text format, except where `binary` says True;
+    results come back in text format.
+    """
+    formats = tuple(1 if b else 0 for b in binary)
+    parts = [b"\0" + name + b"\0", struct.pack(f"!H{len(formats)}H", len(formats), *formats)]
+    values = list(params)
+    parts.append(struct.pack("!H", len(values)))
+    for value in values:
+        if value is None:
+            parts.append(b"\xff\xff\xff\xff")
+        else:
+            parts.append(struct.pack("!i", len(value)))
+            parts.append(value)
+    parts.append(b"\0\0")  # every result column in text format
+    return build(b"B", b"".join(parts)) + _EXECUTE_ALL
+
+
+def close_statement(name: bytes) -> bytes:
+    """Close prepared statement `name`; closing one that does not exist is no error."""
+    return build(b"C", b"S" + name + b"\0")
 
 
 def backend_key_data(pid: int, secret: bytes) -> bytes:
@@ -157,3 +192,18 @@ def parse_backend_key_data(msg: bytes | memoryview) -> tuple[int, bytes]:
 def cancel_request(pid: int, secret: bytes) -> bytes:
     body = struct.pack("!II", CANCEL_REQUEST, pid) + secret
     return struct.pack("!I", len(body) + 4) + body
+
+
+def data_row(payload: bytes) -> tuple[str | None, ...]:
+    """The values of a DataRow body (all in text format); None for NULL."""
+    (n,) = struct.unpack_from("!H", payload)
+    pos, values = 2, list[str | None]()
+    for _ in range(n):
+        (size,) = struct.unpack_from("!i", payload, pos)
+        pos += 4
+        if size < 0:
+            values.append(None)
+        else:
+            values.append(payload[pos : pos + size].decode())
+            pos += size
+    return tuple(values)

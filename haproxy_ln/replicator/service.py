@@ -1,10 +1,11 @@
 """The replicator: the local primary's committed changes, made durable on the peer.
 
 How this works: a session connects to the local primary over the
-replication protocol (walsender.py) and to the replica store (asyncpg,
-through store.bridge), bootstraps the primary, seeds the replica if it is
-empty (store.copy), and starts streaming from the position the replica
-store holds. Three tasks then share the session:
+replication protocol (walsender.py), bootstraps the primary and seeds the
+replica store if it is empty (store.copy; both asyncpg, through
+store.bridge), then opens an apply session to the replica store (our own
+pgwire client, so the commit path crosses no bridge) and starts streaming
+from the position the replica store holds. Three tasks then share the session:
 
 - the reader decodes XLogData into pgoutput messages, assembles one Record
   per source transaction and queues it; keepalives tell `Confirmation`
@@ -44,11 +45,12 @@ from haproxy_ln.proxy.gate import Gate
 from haproxy_ln.replication import pgoutput, stream
 from haproxy_ln.replication.record import Assembler, Record
 from haproxy_ln.replication.stream import Confirmation, format_lsn, parse_lsn
+from haproxy_ln.replicator.pgclient import PgConnection
 from haproxy_ln.replicator.walsender import WalSenderConnection
 from haproxy_ln.store import bridge, primary
 from haproxy_ln.store.apply import Applier
-from haproxy_ln.store.copy import CopyProgress, initial_copy, replica_status
-from haproxy_ln.store.schema import PUBLICATION
+from haproxy_ln.store.copy import CopyProgress, ReplicaStatus, initial_copy, replica_status
+from haproxy_ln.store.schema import PUBLICATION, SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,14 @@ GATE_KEY = "replicator"
 STATUS_INTERVAL = 1.0
 PRUNE_INTERVAL = 60.0
 QUEUE_RECORDS = 10_000
+# The apply session: values parse as the stream prints them, no trigger or rule of
+# the daemon's fires, our DDL trigger skips us, type names come qualified.
+APPLY_SETTINGS = {
+    **bridge.SESSION_SETTINGS,
+    "client_encoding": "UTF8",
+    "search_path": "pg_catalog",
+    "session_replication_role": "replica",
+}
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0
 # Retried after a backoff. A database that refuses (a full disk, crash recovery, an
 # administrator's shutdown) is among them: it escaped the replicator and ended the
@@ -114,6 +124,7 @@ class Replicator:
         self._send_lock = trio.Lock()
         self._sent = -1
         self._catch_up_to = 0  # WAL end the server reported when this session began
+        self._applying_since: float | None = None  # trio time the running apply began
         self._source, self._replica = targets(config)
 
     def _hold(self, reason: str) -> None:
@@ -162,7 +173,7 @@ class Replicator:
     async def _session(self, on_streaming: Callable[[], None]) -> None:
         source, replica = self._source, self._replica
         timeout = self.config.connect_timeout
-        wal = await WalSenderConnection.connect(source, self.config.sync_name, timeout=timeout)
+        wal = await WalSenderConnection.open(source, self.config.sync_name, timeout=timeout)
         try:
             system = await wal.identify_system()
             self._catch_up_to = parse_lsn(system.wal_flush)
@@ -174,27 +185,26 @@ class Replicator:
                 await bridge.call(primary.bootstrap, conn)
             finally:
                 await bridge.close(conn)
-            store = await bridge.connect(
-                replica,
-                timeout=timeout,
-                settings={"search_path": "pg_catalog", "session_replication_role": "replica"},
-            )
+            conn = await bridge.connect(replica, timeout=timeout)
             try:
-                await self._stream(wal, store, system.system_id, on_streaming)
+                await bridge.call(primary.ensure_store, conn)
+                status = await bridge.call(replica_status, conn)
             finally:
-                await bridge.close(store)
+                await bridge.close(conn)
+            await self._prepare(wal, status, system.system_id)
+            store = await PgConnection.connect(replica, APPLY_SETTINGS, timeout=timeout)
+            try:
+                await self._stream(wal, store, on_streaming)
+            finally:
+                await store.aclose()
         finally:
             await wal.aclose()
 
-    async def _stream(
-        self,
-        wal: WalSenderConnection,
-        store: bridge.Connection,
-        system_id: str,
-        on_streaming: Callable[[], None],
+    async def _prepare(
+        self, wal: WalSenderConnection, status: ReplicaStatus | None, system_id: str
     ) -> None:
-        await bridge.call(primary.ensure_store, store)
-        status = await bridge.call(replica_status, store)
+        """Seed the replica store if it is empty or half copied; raises SetupError if it
+        follows another primary or the slot it needs is gone."""
         slot_rows = await wal.query(
             "SELECT 1 FROM pg_replication_slots WHERE slot_name = "
             f"{quote_literal(self.config.slot)} AND database = current_database()"
@@ -221,9 +231,13 @@ class Replicator:
                 f"replication slot {self.config.slot!r} is missing on the primary, so changes "
                 "since the replica's position may be lost: run haproxy-ln reseed"
             )
+
+    async def _stream(
+        self, wal: WalSenderConnection, store: PgConnection, on_streaming: Callable[[], None]
+    ) -> None:
         applier = Applier(store, self.epoch, self.node)
-        await bridge.call(applier.check_fence)
-        position = await bridge.call(applier.load_position)
+        await applier.check_fence()
+        position = await applier.load_position()
         await wal.start_replication(self.config.slot, format_lsn(position), PUBLICATION)
         confirmation = Confirmation(position)
         self.status.streaming = True
@@ -234,6 +248,7 @@ class Replicator:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read, wal, confirmation, send)
             nursery.start_soon(self._apply, wal, applier, store, confirmation, receive)
+            nursery.start_soon(self._watch_apply, store.server_pid)
             nursery.start_soon(self._tick, wal, confirmation)
 
     async def _confirm(
@@ -272,13 +287,16 @@ class Replicator:
                 confirmation.received(message.start, opens=True)
             record = assembler.feed(decoded)
             if record is not None:
-                await send.send(record)
+                try:  # without a trip through the scheduler while there is room
+                    send.send_nowait(record)
+                except trio.WouldBlock:
+                    await send.send(record)
 
-    async def _ping(self, store: bridge.Connection) -> None:
+    async def _ping(self, store: PgConnection) -> None:
         """Raises ReplicationError when the replica store does not answer in time, so an
         idle replicator notices a lost replica (and the HA loop can degrade)."""
         with trio.move_on_after(self.config.connect_timeout):
-            await bridge.call(store.fetchval, "SELECT 1")
+            await store.query("SELECT 1")
             return
         raise ReplicationError(
             f"the replica store did not answer within {self.config.connect_timeout} s"
@@ -288,7 +306,7 @@ class Replicator:
         self,
         wal: WalSenderConnection,
         applier: Applier,
-        store: bridge.Connection,
+        store: PgConnection,
         confirmation: Confirmation,
         receive: trio.MemoryReceiveChannel[Record],
     ) -> None:
@@ -309,7 +327,11 @@ class Replicator:
                 except trio.WouldBlock:
                     break
             started = time.perf_counter()
-            await self._apply_watched(applier, store, batch)
+            self._applying_since = trio.current_time()
+            try:
+                await applier.apply_batch(batch)
+            finally:
+                self._applying_since = None
             metrics.REPLICATION_APPLY_SECONDS.observe(time.perf_counter() - started)
             metrics.REPLICATION_BATCH_SIZE.observe(len(batch))
             metrics.REPLICATED_TRANSACTIONS.inc(len(batch))
@@ -323,34 +345,40 @@ class Replicator:
                 metrics.COMMIT_WAIT_SECONDS.observe(max(0.0, confirmed - record.commit_time / 1e6))
             if self.config.txlog_retention_days and time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_INTERVAL
-                await bridge.call(_prune_txlog, store, self.config.txlog_retention_days)
+                await store.query(
+                    f"DELETE FROM {SCHEMA}.txlog WHERE commit_time < now() - "
+                    f"{float(self.config.txlog_retention_days)!r} * interval '1 day'"
+                )
 
-    async def _apply_watched(
-        self, applier: Applier, store: bridge.Connection, batch: list[Record]
-    ) -> None:
-        """Apply `batch`, watched: raises ReplicationError if the replica store stops
-        answering or its session stalls, instead of waiting forever.
+    async def _watch_apply(self, pid: int) -> None:
+        """Raises ReplicationError when an apply has run for connect_timeout and the
+        replica store stops answering or its session `pid` stalls, instead of letting
+        the apply wait forever.
 
         Over a link that drops packets (a partition, a firewall) nothing ever
         errors: the apply waited forever, so the replicator still counted as
         streaming, the HA loop never degraded and every commit waited (found
         by the chaos suite, partition-replica-link). Bytes dropped before a
         heal leave the session waiting for an answer that will not come. A
-        slow apply is still allowed: see `_stalled`.
+        slow apply is still allowed: see `_stalled`. One task watches every
+        apply by looking four times per connect_timeout, so an apply costs
+        no task of its own.
         """
-        pid = store.get_server_pid()
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                while True:
-                    await trio.sleep(self.config.connect_timeout)
-                    stalled = await self._stalled(pid)
-                    if stalled is not None:
-                        raise ReplicationError(stalled)
-
-            nursery.start_soon(watch)
-            await bridge.call(applier.apply_batch, batch)
-            nursery.cancel_scope.cancel()
+        timeout = self.config.connect_timeout
+        watched, next_check = None, 0.0
+        while True:
+            await trio.sleep(timeout / 4)
+            since = self._applying_since
+            if since is None:
+                continue
+            if since != watched:
+                watched, next_check = since, since + timeout
+            if trio.current_time() < next_check:
+                continue
+            stalled = await self._stalled(pid)
+            if stalled is not None and self._applying_since == since:
+                raise ReplicationError(stalled)
+            next_check = trio.current_time() + timeout
 
     async def _stalled(self, pid: int) -> str | None:
         """Why the apply session `pid` cannot finish, or None while it may: asked on a
@@ -394,9 +422,3 @@ def _first_leaf(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup):
         error = error.exceptions[0]
     return error
-
-
-async def _prune_txlog(store: bridge.Connection, days: float) -> None:
-    await store.execute(
-        "DELETE FROM haproxy_ln.txlog WHERE commit_time < now() - $1 * interval '1 day'", days
-    )

@@ -76,7 +76,7 @@ async def run_reseed(config: ReplicationConfig, *, node: str, epoch: int) -> Non
     """Re-copy the replica store from the primary now. Raises ReplicationError."""
     source, replica = targets(config)
     async with bridge.open_bridge():
-        wal = await WalSenderConnection.connect(
+        wal = await WalSenderConnection.open(
             source, config.sync_name, timeout=config.connect_timeout
         )
         try:

@@ -1,0 +1,259 @@
+"""A PostgreSQL client connection on trio, spoken with our own pgwire code.
+
+How this works: `PgConnection.connect` opens a TCP connection, negotiates
+TLS as the target's `sslmode` asks (see `tls_context`), sends a
+StartupMessage with the given parameters, authenticates (trust, password,
+md5 or SCRAM-SHA-256 through scramp) and waits for ReadyForQuery. Then:
+
+- `query` runs one simple Query and returns its rows as text;
+- `run` sends a pipeline of extended-protocol messages built with
+  `messages.parse`/`bind_execute`/`close_statement`, then one Sync, and
+  waits for ReadyForQuery: one round trip for any number of statements, which the
+  server runs in one implicit transaction (unless one is open). The first
+  ErrorResponse is raised as `ServerError` once the server is ready again,
+  so the connection stays usable.
+
+Every read is capped (`MAX_MESSAGE`). The replication connection
+(`replicator.walsender`) and the replica store's apply session both use it,
+so that the commit path crosses no event-loop bridge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ssl
+import struct
+from collections.abc import Mapping
+
+import scramp
+import trio
+
+from haproxy_ln.errors import ProtocolViolation, ReplicationError, ServerError
+from haproxy_ln.pgwire import messages
+from haproxy_ln.pgwire.dsn import PgTarget
+
+MAX_MESSAGE = (1 << 30) + (1 << 20)  # one 1 GB field plus headers: PostgreSQL's own limit
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+_AUTH_OK, _AUTH_CLEARTEXT, _AUTH_MD5 = 0, 3, 5
+_AUTH_SASL, _AUTH_SASL_CONTINUE, _AUTH_SASL_FINAL = 10, 11, 12
+_PIPELINE_REPLIES = (b"1", b"2", b"3", b"C", b"D", b"T", b"n", b"s", b"I", b"N", b"S")
+
+
+def server_error(body: bytes) -> ServerError:
+    """The ServerError an ErrorResponse body describes."""
+    fields = messages.error_fields(body)
+    return ServerError(fields.get("C", "XX000"), fields.get("M", "error"), fields.get("D"))
+
+
+def tls_context(target: PgTarget) -> tuple[ssl.SSLContext | None, bool]:
+    """(context, required) for the target's sslmode, as libpq reads it.
+
+    `disable`: no TLS. `allow`/`prefer` (the default): TLS when the server
+    offers it, unverified. `require`: TLS or nothing, unverified unless
+    `sslrootcert` is given (then as verify-ca). `verify-ca`: the server's
+    chain must lead to `sslrootcert` (or the system's CAs). `verify-full`:
+    also its name must match the host. `sslcert`/`sslkey` present a client
+    certificate. Raises ReplicationError for an unknown mode or an
+    unreadable file.
+    """
+    options = dict(target.options)
+    mode = options.get("sslmode", "prefer")
+    if mode not in SSL_MODES:
+        raise ReplicationError(f"{target}: sslmode {mode!r} is not one of {', '.join(SSL_MODES)}")
+    if mode == "disable":
+        return None, False
+    root = options.get("sslrootcert")
+    verify = mode in ("verify-ca", "verify-full") or (mode == "require" and root is not None)
+    try:
+        context = (
+            ssl.create_default_context(cafile=root)
+            if verify
+            else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        )
+        context.check_hostname = mode == "verify-full"
+        if not verify:
+            context.verify_mode = ssl.CERT_NONE
+        if "sslcert" in options:
+            context.load_cert_chain(options["sslcert"], options.get("sslkey"))
+    except (OSError, ssl.SSLError) as e:
+        raise ReplicationError(f"{target}: cannot set up TLS: {e}") from None
+    return context, mode in ("require", "verify-ca", "verify-full")
+
+
+class PgConnection:
+    """One client connection; not safe for concurrent use."""
+
+    def __init__(self, stream: trio.abc.Stream, target: PgTarget) -> None:
+        self._stream = stream
+        self._target = target
+        self._buf = bytearray()
+        self.server_pid = 0
+
+    @classmethod
+    async def connect(
+        cls, target: PgTarget, params: Mapping[str, str], *, timeout: float
+    ) -> PgConnection:
+        """Log in with startup `params` (user and database come from `target`).
+
+        Raises ReplicationError (or ServerError) when the server cannot be
+        reached, refuses us, or the login does not finish within `timeout`.
+        """
+        context, tls_required = tls_context(target)
+        with trio.move_on_after(timeout) as scope:
+            try:
+                stream: trio.abc.Stream = await trio.open_tcp_stream(target.host, target.port)
+            except OSError as e:
+                raise ReplicationError(f"cannot connect to {target}: {e}") from e
+            conn = cls(stream, target)
+            try:
+                if context is not None:
+                    await conn._start_tls(context, tls_required)
+                await conn._login(params)
+            except BaseException:
+                await conn.aclose()
+                raise
+            return conn
+        assert scope.cancelled_caught
+        raise ReplicationError(f"login to {target} did not finish within {timeout} s")
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                with trio.move_on_after(1):
+                    await self._stream.send_all(messages.build(b"X", b""))
+            with contextlib.suppress(trio.BrokenResourceError, OSError, ssl.SSLError):
+                await trio.aclose_forcefully(self._stream)
+
+    async def _start_tls(self, context: ssl.SSLContext, required: bool) -> None:
+        await self._stream.send_all(struct.pack("!II", 8, messages.SSL_REQUEST))
+        answer = await self._stream.receive_some(1)
+        if answer == b"N":
+            if required:
+                raise ReplicationError(f"{self._target} refuses TLS, which sslmode requires")
+            return
+        if answer != b"S":
+            raise ProtocolViolation(f"unexpected answer {answer!r} to SSLRequest")
+        tls = trio.SSLStream(self._stream, context, server_hostname=self._target.host)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as e:
+            raise ReplicationError(f"TLS with {self._target} failed: {e.__cause__ or e}") from None
+        self._stream = tls
+
+    async def _login(self, params: Mapping[str, str]) -> None:
+        startup = {"user": self._target.user, "database": self._target.database, **params}
+        body = struct.pack("!I", messages.PROTOCOL_3)
+        body += b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in startup.items())
+        await self._stream.send_all(struct.pack("!I", len(body) + 5) + body + b"\0")
+        scram: scramp.ScramClient | None = None
+        while True:
+            kind, payload = await self._read()
+            if kind == b"R":
+                scram = await self._authenticate(payload, scram)
+            elif kind == b"K":
+                (self.server_pid,) = struct.unpack_from("!I", payload)
+            elif kind == b"Z":
+                return
+            elif kind == b"E":
+                raise server_error(payload)
+            elif kind not in (b"S", b"N"):
+                raise ProtocolViolation(f"unexpected message {kind!r} during login")
+
+    def _password(self) -> str:
+        if self._target.password is None:
+            raise ReplicationError(
+                f"{self._target} asks for a password and none is configured for it"
+            )
+        return self._target.password
+
+    async def _authenticate(
+        self, payload: bytes, scram: scramp.ScramClient | None
+    ) -> scramp.ScramClient | None:
+        (code,) = struct.unpack_from("!I", payload)
+        if code == _AUTH_OK:
+            return scram
+        if code == _AUTH_CLEARTEXT:
+            await self._send(b"p", self._password().encode() + b"\0")
+        elif code == _AUTH_MD5:
+            user, salt = self._target.user.encode(), payload[4:8]
+            inner = hashlib.md5(self._password().encode() + user).hexdigest().encode()
+            digest = b"md5" + hashlib.md5(inner + salt).hexdigest().encode()
+            await self._send(b"p", digest + b"\0")
+        elif code == _AUTH_SASL:
+            offered = [m.decode() for m in payload[4:].split(b"\0") if m]
+            if "SCRAM-SHA-256" not in offered:
+                raise ReplicationError(f"server offers only SASL mechanisms {offered}")
+            scram = scramp.ScramClient(["SCRAM-SHA-256"], self._target.user, self._password())
+            first = scram.get_client_first().encode()
+            await self._send(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
+        elif code == _AUTH_SASL_CONTINUE and scram is not None:
+            scram.set_server_first(payload[4:].decode())
+            await self._send(b"p", scram.get_client_final().encode())
+        elif code == _AUTH_SASL_FINAL and scram is not None:
+            try:
+                scram.set_server_final(payload[4:].decode())
+            except scramp.ScramException as e:
+                raise ReplicationError(f"the server failed SCRAM verification: {e}") from e
+        else:
+            raise ReplicationError(f"unsupported authentication request {code}")
+        return scram
+
+    async def query(self, sql: str) -> list[tuple[str | None, ...]]:
+        """Run one simple Query; its rows as text. Raises ServerError for an error."""
+        await self._stream.send_all(messages.query(sql))
+        rows: list[tuple[str | None, ...]] = []
+        await self._until_ready((b"T", b"C", b"I"), rows)
+        return rows
+
+    async def run(self, pipeline: bytes | bytearray) -> None:
+        """Send `pipeline` and a Sync, and wait until the server has run it; rows it
+        returns are not read.
+
+        Raises ServerError for the first error, after which the server
+        skipped the rest of the pipeline (and rolled back, outside a
+        transaction block).
+        """
+        await self._stream.send_all(pipeline + messages.SYNC)
+        await self._until_ready(_PIPELINE_REPLIES, None)
+
+    async def _until_ready(
+        self, expected: tuple[bytes, ...], rows: list[tuple[str | None, ...]] | None
+    ) -> None:
+        error: ServerError | None = None
+        while True:
+            kind, payload = await self._read()
+            if kind == b"D":
+                if rows is not None:
+                    rows.append(messages.data_row(payload))
+            elif kind == b"E":
+                error = error or server_error(payload)
+            elif kind == b"Z":
+                if error is not None:
+                    raise error
+                return
+            elif kind not in expected and kind not in (b"N", b"S"):
+                raise ProtocolViolation(f"unexpected message {kind!r} in reply to a query")
+
+    async def _send(self, kind: bytes, body: bytes) -> None:
+        await self._stream.send_all(messages.build(kind, body))
+
+    async def _fill(self, n: int) -> None:
+        while len(self._buf) < n:
+            chunk = await self._stream.receive_some(max(65536, n - len(self._buf)))
+            if not chunk:
+                raise ReplicationError(f"{self._target} closed the connection")
+            self._buf += chunk
+
+    async def _read(self) -> tuple[bytes, bytes]:
+        """One backend message as (type byte, payload)."""
+        await self._fill(5)
+        kind = bytes(self._buf[:1])
+        (length,) = struct.unpack_from("!I", self._buf, 1)
+        if not 4 <= length <= MAX_MESSAGE:
+            raise ProtocolViolation(f"message {kind!r} declares impossible length {length}")
+        await self._fill(1 + length)
+        payload = bytes(self._buf[5 : 1 + length])
+        del self._buf[: 1 + length]
+        return kind, payload
