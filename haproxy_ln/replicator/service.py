@@ -332,15 +332,16 @@ class Replicator:
                 await applier.apply_batch(batch)
             finally:
                 self._applying_since = None
-            metrics.REPLICATION_APPLY_SECONDS.observe(time.perf_counter() - started)
+            applied = time.perf_counter()
+            for record in batch:
+                confirmation.applied(record.end_lsn)
+            await self._confirm(wal, confirmation)  # the waiting commits go first
+            confirmed = time.time()
+            metrics.REPLICATION_APPLY_SECONDS.observe(applied - started)
             metrics.REPLICATION_BATCH_SIZE.observe(len(batch))
             metrics.REPLICATED_TRANSACTIONS.inc(len(batch))
             self.status.transactions += len(batch)
             self.status.batches += 1
-            for record in batch:
-                confirmation.applied(record.end_lsn)
-            await self._confirm(wal, confirmation)
-            confirmed = time.time()
             for record in batch:  # commit_time: the primary's commit timestamp, in µs
                 metrics.COMMIT_WAIT_SECONDS.observe(max(0.0, confirmed - record.commit_time / 1e6))
             if self.config.txlog_retention_days and time.monotonic() >= next_prune:
