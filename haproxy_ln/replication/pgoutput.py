@@ -123,6 +123,8 @@ PgOutputMessage = (
     Begin | Commit | Origin | Relation | Type | Insert | Update | Delete | Truncate | Message
 )
 
+_TEXT, _NULL, _UNCHANGED = b"t"[0], b"n"[0], b"u"[0]
+_LENGTH = struct.Struct(">i")
 _COLUMN_MIN_SIZE = 10  # flags 1 + name >= 1 + type oid 4 + typmod 4
 _HINT = "(does a TupleData column count disagree with its columns?)"
 
@@ -180,24 +182,49 @@ class _Reader:
     def tuple_data(self, what: str) -> Tuple:
         ncols = self.count(">h", f"{what} column count", 1)
         values: list[Value] = []
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        # The common case in one tight loop; anything unusual is read again by
+        # `_column`, which says exactly what is wrong.
         for i in range(ncols):
-            col = f"{what} column {i + 1} of {ncols}"
-            kind = self.marker(f"{col} kind")
-            if kind == "n":
+            kind = buf[pos] if pos < end else 0
+            if kind == _TEXT and pos + 5 <= end:
+                (length,) = _LENGTH.unpack_from(buf, pos + 1)
+                if 0 <= length <= end - pos - 5:
+                    try:
+                        values.append(buf[pos + 5 : pos + 5 + length].decode("utf-8"))
+                        pos += 5 + length
+                        continue
+                    except UnicodeDecodeError:
+                        pass
+            elif kind == _NULL:
                 values.append(None)
-            elif kind == "u":
+                pos += 1
+                continue
+            elif kind == _UNCHANGED:
                 values.append(UNCHANGED)
-            elif kind == "t":
-                length = self.count(">i", f"{col} length", 1)
-                values.append(self.text(self.raw(length, col), col))
-            elif kind == "b":
-                raise self.fail(
-                    f"{col} is binary ('b'); that needs the proto_version/binary options, "
-                    "which we never request"
-                )
-            else:
-                raise self.fail(f"{col} has unknown kind {kind!r}, expected 'n', 'u' or 't'")
+                pos += 1
+                continue
+            self.pos = pos
+            values.append(self._column(f"{what} column {i + 1} of {ncols}"))
+            pos = self.pos
+        self.pos = pos
         return tuple(values)
+
+    def _column(self, col: str) -> Value:
+        kind = self.marker(f"{col} kind")
+        if kind == "n":
+            return None
+        if kind == "u":
+            return UNCHANGED
+        if kind == "t":
+            length = self.count(">i", f"{col} length", 1)
+            return self.text(self.raw(length, col), col)
+        if kind == "b":
+            raise self.fail(
+                f"{col} is binary ('b'); that needs the proto_version/binary options, "
+                "which we never request"
+            )
+        raise self.fail(f"{col} has unknown kind {kind!r}, expected 'n', 'u' or 't'")
 
 
 def _relation(r: _Reader) -> Relation:

@@ -38,7 +38,12 @@ SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 
 _AUTH_OK, _AUTH_CLEARTEXT, _AUTH_MD5 = 0, 3, 5
 _AUTH_SASL, _AUTH_SASL_CONTINUE, _AUTH_SASL_FINAL = 10, 11, 12
-_PIPELINE_REPLIES = (b"1", b"2", b"3", b"C", b"D", b"T", b"n", b"s", b"I", b"N", b"S")
+# Besides DataRow, ErrorResponse and ReadyForQuery, what may answer our messages (and
+# NoticeResponse and ParameterStatus, which may come at any time).
+_QUERY_REPLIES = b"TCINS"
+_PIPELINE_REPLIES = b"123CDTnsINS"
+_ERROR, _DATA_ROW, _READY = b"E"[0], b"D"[0], b"Z"[0]
+_LENGTH = struct.Struct("!I")
 
 
 def server_error(body: bytes) -> ServerError:
@@ -204,7 +209,7 @@ class PgConnection:
         """Run one simple Query; its rows as text. Raises ServerError for an error."""
         await self._stream.send_all(messages.query(sql))
         rows: list[tuple[str | None, ...]] = []
-        await self._until_ready((b"T", b"C", b"I"), rows)
+        await self._until_ready(_QUERY_REPLIES, rows)
         return rows
 
     async def run(self, pipeline: bytes | bytearray) -> None:
@@ -219,25 +224,43 @@ class PgConnection:
         await self._until_ready(_PIPELINE_REPLIES, None)
 
     async def _until_ready(
-        self, expected: tuple[bytes, ...], rows: list[tuple[str | None, ...]] | None
+        self, expected: bytes, rows: list[tuple[str | None, ...]] | None
     ) -> None:
+        """Read until ReadyForQuery, then raise the first error; `expected` are the
+        message types that may come besides. Messages nobody needs are dropped
+        unread."""
         error: ServerError | None = None
+        buf = self._buf
         while True:
-            kind, payload = await self._read()
-            if kind == b"D":
-                if rows is not None:
-                    rows.append(messages.data_row(payload))
-            elif kind == b"E":
-                error = error or server_error(payload)
-            elif kind == b"Z":
+            end = await self._next()
+            kind = buf[0]
+            if kind == _ERROR:
+                error = error or server_error(bytes(buf[5:end]))
+            elif kind == _DATA_ROW and rows is not None:
+                rows.append(messages.data_row(bytes(buf[5:end])))
+            elif kind == _READY:
+                del buf[:end]
                 if error is not None:
                     raise error
                 return
-            elif kind not in expected and kind not in (b"N", b"S"):
-                raise ProtocolViolation(f"unexpected message {kind!r} in reply to a query")
+            elif kind not in expected:
+                raise ProtocolViolation(f"unexpected message {chr(kind)!r} in reply to a query")
+            del buf[:end]
 
     async def _send(self, kind: bytes, body: bytes) -> None:
         await self._stream.send_all(messages.build(kind, body))
+
+    async def _next(self) -> int:
+        """Buffer the next whole backend message; returns where it ends in the buffer."""
+        buf = self._buf
+        if len(buf) < 5:
+            await self._fill(5)
+        length: int = _LENGTH.unpack_from(buf, 1)[0]
+        if not 4 <= length <= MAX_MESSAGE:
+            raise ProtocolViolation(f"message {chr(buf[0])!r} declares impossible length {length}")
+        if len(buf) < 1 + length:
+            await self._fill(1 + length)
+        return 1 + length
 
     async def _fill(self, n: int) -> None:
         while len(self._buf) < n:
@@ -248,12 +271,8 @@ class PgConnection:
 
     async def _read(self) -> tuple[bytes, bytes]:
         """One backend message as (type byte, payload)."""
-        await self._fill(5)
-        kind = bytes(self._buf[:1])
-        (length,) = struct.unpack_from("!I", self._buf, 1)
-        if not 4 <= length <= MAX_MESSAGE:
-            raise ProtocolViolation(f"message {kind!r} declares impossible length {length}")
-        await self._fill(1 + length)
-        payload = bytes(self._buf[5 : 1 + length])
-        del self._buf[: 1 + length]
+        end = await self._next()
+        buf = self._buf
+        kind, payload = bytes(buf[:1]), bytes(buf[5:end])
+        del buf[:end]
         return kind, payload
