@@ -881,3 +881,18 @@ def test_daemon_command_mode_needs_start_stop_and_kill(tmp_path: Path) -> None:
 )
 def test_daemon_problems(tmp_path: Path, body: str, problem: str) -> None:
     assert daemon_problems(tmp_path, body) == [problem]
+
+
+@pytest.mark.parametrize(
+    ("query", "why"),
+    [
+        ("?sslmode=sometimes", "sslmode 'sometimes' is not one of disable, allow, prefer"),
+        ("?ssl=true", "unknown parameter 'ssl': the URL may set sslmode, sslrootcert"),
+    ],
+)
+def test_bad_replica_url_parameters(tmp_path: Path, query: str, why: str) -> None:
+    (problem,) = problems_for(
+        tmp_path,
+        f'[node]\nname = "a"\n[replication]\nreplica = "postgresql://r@10.0.0.2/db{query}"\n',
+    )
+    assert problem.startswith("replication.replica: got ") and why in problem, problem

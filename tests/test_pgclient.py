@@ -92,12 +92,22 @@ def test_a_certificate_from_another_authority_is_refused(
         trio.run(_uses_tls, target)
 
 
-def test_tls_required_but_refused_and_bad_modes_are_clear_errors(pg: PostgresCluster) -> None:
+def test_tls_required_but_refused_and_bad_urls_are_clear_errors(pg: PostgresCluster) -> None:
     with pytest.raises(ReplicationError, match="refuses TLS, which sslmode requires"):
         trio.run(_uses_tls, _target(pg, "?sslmode=require"))
     assert trio.run(_uses_tls, _target(pg, "?sslmode=prefer")) is False
-    with pytest.raises(ReplicationError, match="sslmode 'sometimes' is not one of disable"):
-        trio.run(_uses_tls, _target(pg, "?sslmode=sometimes"))
+    with pytest.raises(ValueError, match="sslmode 'sometimes' is not one of disable"):
+        _target(pg, "?sslmode=sometimes")
+    with pytest.raises(ValueError, match="unknown parameter 'ssl_mode': the URL may set sslmode"):
+        _target(pg, "?ssl_mode=require")
+
+
+def test_an_unreadable_certificate_file_is_a_clear_error(
+    pg: PostgresCluster, tmp_path: Path
+) -> None:
+    target = _target(pg, f"?sslmode=verify-full&sslrootcert={tmp_path / 'missing.pem'}")
+    with pytest.raises(ReplicationError, match="cannot set up TLS"):
+        trio.run(_uses_tls, target)
 
 
 def test_a_pipeline_runs_as_one_transaction_and_an_error_undoes_it(pg: PostgresCluster) -> None:

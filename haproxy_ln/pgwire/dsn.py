@@ -13,6 +13,9 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 DEFAULT_PORT = 5432
 _SCHEMES = ("postgresql", "postgres")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# The query parameters we act on, as libpq reads them: TLS and its files.
+OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,13 +24,14 @@ class PgTarget:
     port: int
     user: str
     database: str
-    options: tuple[tuple[str, str], ...] = ()  # query parameters, e.g. sslmode, for asyncpg
+    options: tuple[tuple[str, str], ...] = ()  # query parameters: OPTIONS only
     password: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def parse(cls, url: str) -> PgTarget:
         """Parse a postgresql:// URL. Raises ValueError saying what is wrong; a
-        password in the URL is an error, so that it cannot leak through logs."""
+        password in the URL is an error, so that it cannot leak through logs, and
+        so is a query parameter that is not one of OPTIONS or a bad sslmode."""
         parts = urlsplit(url)
         if parts.scheme not in _SCHEMES:
             raise ValueError("expected a URL like postgresql://user@host:5432/dbname")
@@ -40,13 +44,13 @@ class PgTarget:
         except ValueError as e:
             raise ValueError(f"bad port: {e}") from None
         database = unquote(parts.path.lstrip("/")) or unquote(parts.username)
-        return cls(
-            parts.hostname,
-            port,
-            unquote(parts.username),
-            database,
-            tuple(parse_qsl(parts.query, strict_parsing=False)),
-        )
+        options = tuple(parse_qsl(parts.query, strict_parsing=False))
+        for key, value in options:
+            if key not in OPTIONS:
+                raise ValueError(f"unknown parameter {key!r}: the URL may set {', '.join(OPTIONS)}")
+            if key == "sslmode" and value not in SSL_MODES:
+                raise ValueError(f"sslmode {value!r} is not one of {', '.join(SSL_MODES)}")
+        return cls(parts.hostname, port, unquote(parts.username), database, options)
 
     def with_password(self, password: str | None) -> PgTarget:
         return replace(self, password=password)

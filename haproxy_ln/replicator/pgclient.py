@@ -34,7 +34,6 @@ from haproxy_ln.pgwire import messages
 from haproxy_ln.pgwire.dsn import PgTarget
 
 MAX_MESSAGE = (1 << 30) + (1 << 20)  # one 1 GB field plus headers: PostgreSQL's own limit
-SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 _AUTH_OK, _AUTH_CLEARTEXT, _AUTH_MD5 = 0, 3, 5
 _AUTH_SASL, _AUTH_SASL_CONTINUE, _AUTH_SASL_FINAL = 10, 11, 12
@@ -60,13 +59,11 @@ def tls_context(target: PgTarget) -> tuple[ssl.SSLContext | None, bool]:
     `sslrootcert` is given (then as verify-ca). `verify-ca`: the server's
     chain must lead to `sslrootcert` (or the system's CAs). `verify-full`:
     also its name must match the host. `sslcert`/`sslkey` present a client
-    certificate. Raises ReplicationError for an unknown mode or an
-    unreadable file.
+    certificate. `PgTarget.parse` has checked the mode. Raises
+    ReplicationError for an unreadable file.
     """
     options = dict(target.options)
     mode = options.get("sslmode", "prefer")
-    if mode not in SSL_MODES:
-        raise ReplicationError(f"{target}: sslmode {mode!r} is not one of {', '.join(SSL_MODES)}")
     if mode == "disable":
         return None, False
     root = options.get("sslrootcert")
