@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
 import subprocess
 import sys
 from pathlib import Path
 
 from click.testing import CliRunner
-from replication_harness import ReplicatorProcess, rows_digest
+from replication_harness import READY, ReplicatorProcess, rows_digest
 
 from haproxy_ln.cli import main
 from haproxy_ln.local import PostgresCluster
@@ -95,3 +96,28 @@ def test_a_primary_without_logical_wal_is_refused_with_what_to_set(
         cluster.stop()
     assert result.returncode == 1
     assert "wal_level is replica; set wal_level = logical" in result.stderr
+
+
+def test_an_idle_primary_turns_synchronous_promptly_after_a_checkpoint(
+    pg_pair: Pair, tmp_path: Path
+) -> None:
+    """After a CHECKPOINT on an idle primary the walsender waited, in state catchup,
+    for the next WAL record (12 s in the benchmark) before counting as synchronous;
+    set_sync writes one."""
+    primary, replica = pg_pair
+    subprocess.run(
+        ["pgbench", "-i", "-s", "1", "-q", primary.dsn()], check=True, capture_output=True
+    )
+    primary.psql("VACUUM ANALYZE; CHECKPOINT;")
+    rep = ReplicatorProcess(primary, replica, tmp_path / "rep.log").start()
+    try:
+        stamps = {
+            marker: datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            for line in rep.log().splitlines()
+            for marker in ("replica caught up", READY)
+            if marker in line
+        }
+        gap = (stamps[READY] - stamps["replica caught up"]).total_seconds()
+        assert gap < 3, rep.log()
+    finally:
+        assert rep.stop() == 0, rep.log()

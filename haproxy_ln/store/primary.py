@@ -70,11 +70,20 @@ async def advance_sequences(conn: asyncpg.Connection) -> None:
 
 
 async def set_sync(conn: asyncpg.Connection, sync_name: str) -> None:
-    """Make every COMMIT wait for the replicator named `sync_name`."""
+    """Make every COMMIT wait for the replicator named `sync_name`.
+
+    Then write one WAL record: a logical walsender counts as synchronous only
+    once it has read up to the flushed end of WAL, and on an idle primary
+    whose WAL ends at a page boundary it would wait for the next record (up
+    to 15 s, the background writer's), during which the pair could not name
+    the replica in its sync record. The record is a non-transactional
+    logical message, which our replicator skips and which waits for nobody.
+    """
     await conn.execute("ALTER SYSTEM SET synchronous_commit = on")
     names = quote_literal(quote_ident(sync_name))
     await conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = {names}")
     await conn.execute("SELECT pg_reload_conf()")
+    await conn.execute(f"SELECT pg_logical_emit_message(false, '{schema.NUDGE_PREFIX}', '')")
 
 
 async def clear_sync(conn: asyncpg.Connection) -> None:

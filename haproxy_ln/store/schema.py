@@ -41,6 +41,7 @@ are left out (CREATE EXTENSION replays them). Sessions that set
 """
 
 SCHEMA = "haproxy_ln"
+NUDGE_PREFIX = "haproxy_ln.nudge"  # see primary.set_sync
 PUBLICATION = "haproxy_ln"
 DDL_TRIGGER = "haproxy_ln_ddl"
 
