@@ -340,23 +340,37 @@ class _Refuses:
         raise CoordError("etcd at 127.0.0.1:2379 refused lease keepalive: INTERNAL: ?")
 
 
-async def test_a_refused_lease_keepalive_does_not_end_the_agent(tmp_path: Path) -> None:
+def _shell(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    *,
+    coord: object,
+    gate: Gate,
+    local: object = None,
+    supervisor: object = None,
+    custody: object = None,
+) -> HaShell:
+    """Node a's HaShell (keys adapter none) over fakes of its collaborators."""
     a = AgentNode("a", tmp_path, PostgresCluster(tmp_path / "pg"), "127.0.0.1:2379")
     keys: dict[str, object] = {"adapter": "none", "kek_file": None, "cln_hsm_secret": None}
     a.write_config(a, tmp_path, tmp_path, {}, keys=keys)
+    return HaShell(
+        load(a.config_path),
+        coord,  # type: ignore[arg-type]
+        local,  # type: ignore[arg-type]
+        gate,
+        supervisor,  # type: ignore[arg-type]
+        custody,  # type: ignore[arg-type]
+        EventLog(None, "a"),
+        nursery,
+        SystemdNotifier(None),
+    )
+
+
+async def test_a_refused_lease_keepalive_does_not_end_the_agent(tmp_path: Path) -> None:
     refuses = _Refuses()
     async with trio.open_nursery() as nursery:
-        shell = HaShell(
-            load(a.config_path),
-            refuses,  # type: ignore[arg-type]
-            None,  # type: ignore[arg-type]
-            Gate(is_open=False),
-            None,  # type: ignore[arg-type]
-            None,  # type: ignore[arg-type]
-            EventLog(None, "a"),
-            nursery,
-            SystemdNotifier(None),
-        )
+        shell = _shell(tmp_path, nursery, coord=refuses, gate=Gate(is_open=False))
         shell.lease = Lease(1, 2)
         with trio.move_on_after(1.5):
             await shell.keepalive()  # before the fix: raised at the first refusal
@@ -383,21 +397,16 @@ async def test_a_leader_observing_unanswering_etcd_and_postgresql_steps_by_its_d
 ) -> None:
     """Woken at its deadline with etcd cut off, the loop first read etcd for up to
     request_timeout and fenced after the earliest moment etcd could expire the lease."""
-    a = AgentNode("a", tmp_path, PostgresCluster(tmp_path / "pg"), "127.0.0.1:2379")
-    keys: dict[str, object] = {"adapter": "none", "kek_file": None, "cln_hsm_secret": None}
-    a.write_config(a, tmp_path, tmp_path, {}, keys=keys)
     hangs = _Hangs()
     async with trio.open_nursery() as nursery:
-        shell = HaShell(
-            load(a.config_path),
-            hangs,  # type: ignore[arg-type]
-            hangs,  # type: ignore[arg-type]
-            Gate(is_open=True),
-            SimpleNamespace(state=SupervisorState.READY),  # type: ignore[arg-type]
-            SimpleNamespace(held=True),  # type: ignore[arg-type]
-            EventLog(None, "a"),
+        shell = _shell(
+            tmp_path,
             nursery,
-            SystemdNotifier(None),
+            coord=hangs,
+            local=hangs,
+            gate=Gate(is_open=True),
+            supervisor=SimpleNamespace(state=SupervisorState.READY),
+            custody=SimpleNamespace(held=True),
         )
         shell.state = HaState(role=Role.ACTIVE, epoch=7, highest_epoch=7)
         shell.lease = Lease(1, 2)
