@@ -80,7 +80,7 @@ from bench.servers import HaproxyLn, client_env, haproxy_ln_command
 from haproxy_ln import __version__, framing
 from haproxy_ln.local import PostgresCluster, scratch_dir
 from haproxy_ln.local.ports import LOOPBACK, LocalServerError, Supervised, as_user
-from haproxy_ln.local.postgres import OS_USER_WHEN_ROOT, pg_bin_dir
+from haproxy_ln.local.postgres import OS_USER_WHEN_ROOT, descendants, pg_bin_dir
 
 SETUPS = ("a", "b", "c")
 SETUP_NAMES = {
@@ -262,21 +262,6 @@ def read_latencies(prefix: Path) -> tuple[list[int], int]:
                 failed += 1
     latencies.sort()
     return latencies, failed
-
-
-def children(pid: int) -> list[int]:
-    """Pids of the live direct children of `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
 def cmdline(pid: int) -> str:
@@ -561,11 +546,11 @@ class Setups:
 
         def walsenders(cluster: PostgresCluster) -> list[int]:
             assert cluster.pid is not None
-            return [p for p in children(cluster.pid) if "walsender" in cmdline(p)]
+            return [p for p in descendants(cluster.pid) if "walsender" in cmdline(p)]
 
         def cluster_tree(cluster: PostgresCluster) -> list[int]:
             assert cluster.pid is not None
-            return [cluster.pid, *children(cluster.pid)]
+            return [cluster.pid, *descendants(cluster.pid)]
 
         return {
             "b": Watched(walsenders(self.primaries["b"]), cluster_tree(self.standby), []),

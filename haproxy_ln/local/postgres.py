@@ -67,7 +67,7 @@ def pg_bin_dir() -> Path:
     return Path(found).resolve().parent
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """The processes `pid` started and those they started, as /proc shows them now."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -90,7 +90,7 @@ def _stop_tree(pid: int) -> list[int]:
     """SIGSTOP `pid`, then everything it started; returns them all."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGSTOP)
-    pids = [pid, *_descendants(pid)]
+    pids = [pid, *descendants(pid)]
     for each in pids[1:]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(each, signal.SIGSTOP)
@@ -245,7 +245,7 @@ class PostgresCluster(LocalServer):
         pid = self.pid
         if pid is None:
             return
-        for each in [pid, *_descendants(pid)]:
+        for each in [pid, *descendants(pid)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(each, signum)
 
