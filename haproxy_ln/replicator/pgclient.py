@@ -145,7 +145,13 @@ class PgConnection:
         self._stream = tls
 
     async def _login(self, params: Mapping[str, str]) -> None:
-        startup = {"user": self._target.user, "database": self._target.database, **params}
+        # We encode and decode text as UTF-8, whatever the server's encoding.
+        startup = {
+            "user": self._target.user,
+            "database": self._target.database,
+            "client_encoding": "UTF8",
+            **params,
+        }
         body = struct.pack("!I", messages.PROTOCOL_3)
         body += b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in startup.items())
         await self._stream.send_all(struct.pack("!I", len(body) + 5) + body + b"\0")

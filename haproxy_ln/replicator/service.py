@@ -62,7 +62,6 @@ QUEUE_RECORDS = 10_000
 # the daemon's fires, our DDL trigger skips us, type names come qualified.
 APPLY_SETTINGS = {
     **bridge.SESSION_SETTINGS,
-    "client_encoding": "UTF8",
     "search_path": "pg_catalog",
     "session_replication_role": "replica",
 }

@@ -25,8 +25,6 @@ from haproxy_ln.replicator.pgclient import PgConnection, server_error
 
 log = logging.getLogger(__name__)
 
-SESSION_SETTINGS = {**TEXT_SETTINGS, "client_encoding": "UTF8"}
-
 
 @dataclass(frozen=True, slots=True)
 class SystemInfo:
@@ -46,7 +44,7 @@ class WalSenderConnection(PgConnection):
         """Raises ReplicationError (or ServerError) when the server cannot be
         reached, refuses us, or the login does not finish within `timeout`."""
         params = {"replication": "database", "application_name": application_name}
-        conn = await cls.connect(target, {**params, **SESSION_SETTINGS}, timeout=timeout)
+        conn = await cls.connect(target, {**params, **TEXT_SETTINGS}, timeout=timeout)
         assert isinstance(conn, WalSenderConnection)
         return conn
 
