@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from haproxy_ln.local import PostgresCluster
 from haproxy_ln.local.postgres import OS_USER_WHEN_ROOT
 from haproxy_ln.pgwire import messages
 from haproxy_ln.pgwire.dsn import PgTarget
-from haproxy_ln.replicator.pgclient import PgConnection
+from haproxy_ln.replicator.pgclient import PgConnection, SocketTransport
 from haproxy_ln.sim.wallet import self_signed
 
 
@@ -169,3 +170,63 @@ def test_replication_to_a_store_over_verified_tls(
         assert int(encrypted) >= 1
     finally:
         assert rep.stop() == 0, rep.log()
+
+
+# -- the socket transport ------------------------------------------------------------
+
+
+def _transport_pair() -> tuple[SocketTransport, socket.socket]:
+    ours, theirs = socket.socketpair()
+    return SocketTransport(ours), theirs
+
+
+async def test_a_busy_socket_still_lets_other_tasks_run_and_cancellation_through() -> None:
+    """Reads that find data at once skip trio's checkpoint, but not every time: a
+    stream that never runs dry must not starve the other tasks or ignore a deadline."""
+    transport, theirs = _transport_pair()
+    theirs.sendall(b"x" * 200_000)
+    read = 0
+    ticks = 0
+
+    async def reader() -> None:
+        nonlocal read
+        while True:
+            read += len(await transport.receive_some(1))
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    with trio.move_on_after(0.05):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            nursery.start_soon(ticker)
+    assert 0 < read < 200_000  # cancelled while data was still waiting
+    assert ticks > read / 100  # the ticker ran all along
+    await transport.aclose()
+    theirs.close()
+
+
+async def test_the_transport_carries_more_than_a_socket_buffer_both_ways() -> None:
+    transport, theirs = _transport_pair()
+    theirs.setblocking(False)
+    payload = os.urandom(4 << 20)  # several socket buffers: send_all must wait
+    received = bytearray()
+
+    async def drain() -> None:
+        while len(received) < len(payload):
+            await trio.lowlevel.wait_readable(theirs)
+            received.extend(theirs.recv(1 << 16))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        await transport.send_all(payload)
+    assert bytes(received) == payload
+    theirs.close()
+    assert await transport.receive_some() == b""  # end of stream
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first send after the peer left may still succeed
+            await transport.send_all(b"y" * 65536)
+    await transport.aclose()

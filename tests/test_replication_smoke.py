@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -12,6 +15,7 @@ from replication_harness import READY, ReplicatorProcess, rows_digest
 
 from haproxy_ln.cli import main
 from haproxy_ln.local import PostgresCluster
+from haproxy_ln.local.postgres import descendants
 
 Pair = tuple[PostgresCluster, PostgresCluster]
 
@@ -121,3 +125,26 @@ def test_an_idle_primary_turns_synchronous_promptly_after_a_checkpoint(
         assert gap < 3, rep.log()
     finally:
         assert rep.stop() == 0, rep.log()
+
+
+def test_an_idle_replicator_notices_that_the_replica_store_stopped_answering(
+    pg_pair: Pair, tmp_path: Path
+) -> None:
+    """With nothing to apply, the replicator pings the replica store once a second
+    (the ticker asks the apply task): a store that stops answering ends the session
+    within connect_timeout (5 s), so the HA loop can degrade."""
+    primary, replica = pg_pair
+    rep = ReplicatorProcess(primary, replica, tmp_path / "rep.log").start()
+    assert replica.pid is not None
+    paused = [replica.pid, *descendants(replica.pid)]
+    try:
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 15
+        while "the replica store did not answer within 5.0 s" not in rep.log():
+            assert time.monotonic() < deadline, rep.log()
+            time.sleep(0.1)
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+    assert rep.stop() == 0, rep.log()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import trio
+
 from haproxy_ln.errors import ProtocolViolation, ReplicationError
 from haproxy_ln.pgwire import messages
 from haproxy_ln.pgwire.dsn import PgTarget
@@ -35,7 +37,12 @@ class SystemInfo:
 
 
 class WalSenderConnection(PgConnection):
-    """One replication-protocol connection; not safe for concurrent use."""
+    """One replication-protocol connection. Once streaming, one task may receive while
+    others send; every other use is one task at a time."""
+
+    def __init__(self, stream: trio.abc.Stream, target: PgTarget) -> None:
+        super().__init__(stream, target)
+        self._sending = trio.Lock()
 
     @classmethod
     async def open(
@@ -89,4 +96,14 @@ class WalSenderConnection(PgConnection):
                 raise ProtocolViolation(f"unexpected message {kind!r} in a replication stream")
 
     async def send(self, body: bytes) -> None:
-        await self._send(b"d", body)
+        """Send one CopyData; a concurrent call waits for this one. Without a trip
+        through the scheduler when no other send is under way: a confirmation is
+        on the path of every waiting commit."""
+        try:
+            self._sending.acquire_nowait()
+        except trio.WouldBlock:
+            await self._sending.acquire()
+        try:
+            await self._send(b"d", body)
+        finally:
+            self._sending.release()

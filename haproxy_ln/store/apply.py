@@ -5,15 +5,15 @@ no event-loop bridge). A batch becomes one pipeline of extended-protocol
 messages and one Sync, which PostgreSQL runs as one implicit transaction in
 one round trip:
 
-1. `haproxy_ln.check_fence(epoch)` locks the fence row; a fence above the
-   writer's epoch aborts everything with SQLSTATE HL001 (StaleEpoch), a
-   lower one is raised to the writer's epoch;
+1. `haproxy_ln.begin_batch(epoch, node, from, to)` runs `check_fence`,
+   which locks the fence row: a fence above the writer's epoch aborts
+   everything with SQLSTATE HL001 (StaleEpoch), a lower one is raised to the
+   writer's epoch. Then it moves the replica position, failing with HL003
+   unless it still is where this writer left it;
 2. each record's changes in order: DDL (each statement as
    `replay_statements` makes it, as the role and under the search_path and
    the date and time settings the client ran it with), rows, truncates;
-3. the records appended to `haproxy_ln.txlog`;
-4. `haproxy_ln.advance(from, to)` moves the replica position, failing with
-   HL003 unless it still is where this writer left it.
+3. the records appended to `haproxy_ln.txlog`.
 
 Records ending at or below the position were applied before (the slot
 resends after a restart) and are skipped. A batch with DDL runs in an
@@ -110,13 +110,12 @@ SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attidentity = 'a',
 
 
 MAX_PREPARED = 1000  # statements kept per session; beyond, all are closed and made anew
-_FENCE_SQL = f"SELECT {SCHEMA}.check_fence($1::bigint, $2)"
+_BEGIN_SQL = f"SELECT {SCHEMA}.begin_batch($1::bigint, $2, $3::pg_lsn, $4::pg_lsn)"
 _TXLOG_SQL = (
     f"INSERT INTO {SCHEMA}.txlog (source_node, epoch, commit_lsn, end_lsn, xid, commit_time, "
     "tables, record) VALUES ($1, $2::bigint, $3::pg_lsn, $4::pg_lsn, $5::bigint, "
     "timestamptz 'epoch' + $6::bigint * interval '1 microsecond', $7::text[], $8)"
 )
-_ADVANCE_SQL = f"SELECT {SCHEMA}.advance($1::pg_lsn, $2::pg_lsn, $3::bigint)"
 _TXLOG_BINARY = (False,) * 7 + (True,)  # the record goes as raw bytea
 
 
@@ -136,6 +135,10 @@ def _encoded(value: str | None) -> bytes | None:
 
 def _text(value: object) -> bytes:
     return str(value).encode()
+
+
+def _lsn(lsn: int) -> bytes:
+    return format_lsn(lsn).encode()
 
 
 def _text_array(items: Sequence[str]) -> bytes:
@@ -198,11 +201,11 @@ class Applier:
             if any(r.has_ddl for r in fresh):
                 await self._apply_segmented(fresh, position)
             else:
-                pipeline = self._start()
+                pipeline = self._start(fresh, position)
                 for record in fresh:
                     for change in record.changes:
                         pipeline += await self._change(change)
-                pipeline += self._finish(fresh, position)
+                pipeline += self._txlog(fresh)
                 await self.conn.run(pipeline)
         except ServerError as e:
             self._forget()
@@ -231,11 +234,13 @@ class Applier:
         self._to_close.extend(self._prepared.values())
         self._prepared.clear()
 
-    def _start(self) -> bytearray:
-        """A new pipeline: the closing of forgotten statements, then the fence check."""
+    def _start(self, records: Sequence[Record], position: int) -> bytearray:
+        """A new pipeline: the closing of forgotten statements, then begin_batch, which
+        moves the replica position from `position` to the end of `records`."""
         pipeline = bytearray().join(messages.close_statement(n) for n in self._to_close)
         self._to_close.clear()
-        pipeline += self._execute(_FENCE_SQL, [_text(self.epoch), self.node.encode()])
+        params = [_text(self.epoch), self.node.encode(), _lsn(position), _lsn(records[-1].end_lsn)]
+        pipeline += self._execute(_BEGIN_SQL, params)
         return pipeline
 
     def _execute(
@@ -259,7 +264,7 @@ class Applier:
     async def _apply_segmented(self, records: Sequence[Record], position: int) -> None:
         await self.conn.query("BEGIN")
         try:
-            pipeline = self._start()
+            pipeline = self._start(records, position)
             for record in records:
                 for change in record.changes:
                     if isinstance(change, Ddl):
@@ -268,7 +273,7 @@ class Applier:
                         await self._apply_ddl(change)
                     else:
                         pipeline += await self._change(change)
-            pipeline += self._finish(records, position)
+            pipeline += self._txlog(records)
             await self.conn.run(pipeline)
         except ServerError:  # the server is ready for more: end the transaction now
             await self.conn.query("ROLLBACK")
@@ -313,15 +318,15 @@ class Applier:
                 out.add((relation, column))
         return out
 
-    def _finish(self, records: Sequence[Record], position: int) -> bytes:
-        out = [
+    def _txlog(self, records: Sequence[Record]) -> bytes:
+        return b"".join(
             self._execute(
                 _TXLOG_SQL,
                 [
                     r.source_node.encode(),
                     _text(r.epoch),
-                    format_lsn(r.commit_lsn).encode(),
-                    format_lsn(r.end_lsn).encode(),
+                    _lsn(r.commit_lsn),
+                    _lsn(r.end_lsn),
                     _text(r.xid),
                     _text(r.commit_time),
                     _text_array(r.tables()),
@@ -331,18 +336,7 @@ class Applier:
             )
             for r in records
             if r.changes
-        ]
-        out.append(
-            self._execute(
-                _ADVANCE_SQL,
-                [
-                    format_lsn(position).encode(),
-                    format_lsn(records[-1].end_lsn).encode(),
-                    _text(self.epoch),
-                ],
-            )
         )
-        return b"".join(out)
 
     async def _shape(self, schema: str, table: str) -> TableShape:
         shape = self._shapes.get((schema, table))

@@ -93,10 +93,14 @@ BEGIN
 END
 $fn$;
 
--- Move the replica position from exactly `expected` to `target`.
-CREATE OR REPLACE FUNCTION haproxy_ln.advance(expected pg_lsn, target pg_lsn, writer_epoch bigint)
+-- A writer's batch starts here: check_fence, then move the replica position from
+-- exactly `expected` to `target` (the batch's rows follow in the same transaction).
+DROP FUNCTION IF EXISTS haproxy_ln.advance(pg_lsn, pg_lsn, bigint);
+CREATE OR REPLACE FUNCTION haproxy_ln.begin_batch(
+    writer_epoch bigint, writer text, expected pg_lsn, target pg_lsn)
 RETURNS void LANGUAGE plpgsql AS $fn$
 BEGIN
+    PERFORM haproxy_ln.check_fence(writer_epoch, writer);
     UPDATE haproxy_ln.replica_state SET source_lsn = target, epoch = writer_epoch,
            updated_at = now()
      WHERE source_lsn = expected;
