@@ -16,11 +16,18 @@ Core-Lightning-like schema), all measured through their proxy:
   primary_conninfo carrying application_name=standby, and the primary with
   synchronous_standby_names = 'standby'; pg_stat_replication must say
   sync_state = 'sync' before anything is measured;
+* (b2) the same primary and standby with synchronous_commit =
+  remote_apply, set (ALTER SYSTEM, reload, checked in a new session) before
+  each of its runs and set back to `on` before each (b) run. `on` releases
+  a commit once the standby has flushed its WAL, before the standby has
+  replayed it; remote_apply waits until the standby's queries see it, which
+  is what (c) gives: the replicator confirms only after the replica store
+  committed the rows. (b2) is for reference; the targets compare (c) with (b);
 * (c) haproxy-ln's synchronous logical replication: an empty replica
   cluster and `haproxy-ln replicate`, ready once it logs that every commit
   now waits (its initial copy of the scale-`--scale` data happens then).
 
-Each round runs every workload against (a), (b), (c) in that order, so slow
+Each round runs every workload against (a), (b), (b2), (c) in that order, so slow
 drift on a noisy shared machine hits all three alike; the report gives the
 median over the rounds and every run. Per run: pgbench's TPS (without
 initial connection time) and the exact p50 and p99 of the per-transaction
@@ -61,7 +68,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +89,17 @@ from haproxy_ln.local import PostgresCluster, scratch_dir
 from haproxy_ln.local.ports import LOOPBACK, LocalServerError, Supervised, as_user
 from haproxy_ln.local.postgres import OS_USER_WHEN_ROOT, descendants, pg_bin_dir
 
-SETUPS = ("a", "b", "c")
+SETUPS = ("a", "b", "b2", "c")
 SETUP_NAMES = {
     "a": "(a) no replica",
     "b": "(b) physical sync standby",
+    "b2": "(b2) physical, remote_apply",
     "c": "(c) haproxy-ln logical sync",
 }
+# (b2) is (b)'s primary and standby with another synchronous_commit: what each
+# (b) setup makes a commit wait for.
+SERVERS = {"a": "a", "b": "b", "b2": "b", "c": "c"}
+SYNCHRONOUS_COMMIT = {"b": "on", "b2": "remote_apply"}
 PROTOCOL = "simple"
 MAX_JOBS = 2
 PG_SETTINGS = {
@@ -348,17 +360,20 @@ def measured_run(
 def run_rounds(
     ports: dict[str, int],
     watched: dict[str, Watched],
-    check_sync: Callable[[str], None],
+    setups: Setups,
     script: Path,
     logs: Path,
     opts: Options,
 ) -> Results:
-    """Every workload on (a), (b), (c) in turn, `opts.rounds` times.
+    """Every workload on (a), (b), (b2), (c) in turn, `opts.rounds` times.
 
-    `check_sync(setup)` runs after every run and raises `BenchError` if a
-    replica stopped being synchronous: such a run measured something else.
+    `setups.prepare(setup)` runs before every run; `setups.check_sync(setup)`
+    after it raises `BenchError` if a replica stopped being synchronous: such
+    a run measured something else.
     """
     for setup in SETUPS:
+        if SERVERS[setup] != setup:
+            continue  # warmed up with the setup whose servers it shares
         progress(f"warm-up: TPC-B, 8 clients, {opts.warmup} s -> {SETUP_NAMES[setup]}")
         run_pgbench_logged(
             ports[setup], WORKLOADS[1].args(opts.warmup, script), logs / f"warmup-{setup}", 300
@@ -367,6 +382,7 @@ def run_rounds(
     for r in range(opts.rounds):
         for i, workload in enumerate(WORKLOADS):
             for setup in SETUPS:
+                setups.prepare(setup)
                 run = measured_run(
                     ports[setup],
                     workload.args(opts.duration, script),
@@ -374,7 +390,7 @@ def run_rounds(
                     opts.duration + 600,
                     watched.get(setup),
                 )
-                check_sync(setup)
+                setups.check_sync(setup)
                 results.setdefault((i, setup), []).append(run)
                 progress(
                     f"round {r + 1}/{opts.rounds}: {workload.label}, {workload.clients} "
@@ -530,9 +546,22 @@ class Setups:
     proxies: dict[str, HaproxyLn]
     checks: list[tuple[str, str]]
 
+    def prepare(self, setup: str) -> None:
+        """Before a run of (b) or (b2): set (b)'s synchronous_commit as that setup runs
+        it, and wait until a new session has it."""
+        if setup not in SYNCHRONOUS_COMMIT:
+            return
+        primary, value = self.primaries["b"], SYNCHRONOUS_COMMIT[setup]
+        primary.psql(f"ALTER SYSTEM SET synchronous_commit = {value};\nSELECT pg_reload_conf();")
+        deadline = time.monotonic() + 10
+        while primary.psql("SHOW synchronous_commit").strip() != value:
+            if time.monotonic() > deadline:
+                raise BenchError(f"(b)'s primary did not take synchronous_commit = {value}")
+            time.sleep(0.05)
+
     def check_sync(self, setup: str) -> None:
         """Raise `BenchError` unless (b)'s or (c)'s replica is still synchronous."""
-        if setup == "b":
+        if SERVERS[setup] == "b":
             wait_sync_state(self.primaries["b"], STANDBY_NAME, timeout=5)
         elif setup == "c":
             try:
@@ -552,8 +581,10 @@ class Setups:
             assert cluster.pid is not None
             return [cluster.pid, *descendants(cluster.pid)]
 
+        b = Watched(walsenders(self.primaries["b"]), cluster_tree(self.standby), [])
         return {
-            "b": Watched(walsenders(self.primaries["b"]), cluster_tree(self.standby), []),
+            "b": b,
+            "b2": b,
             "c": Watched(
                 walsenders(self.primaries["c"]),
                 cluster_tree(self.replica),
@@ -575,7 +606,7 @@ def timeline(replicator: Replicator) -> str:
 def start_setups(stack: contextlib.ExitStack, base: Path, opts: Options) -> Setups:
     """Start (a), (b) and (c) with their proxies; everything is entered on `stack`."""
     primaries = {}
-    for setup in SETUPS:
+    for setup in ("a", "b", "c"):
         progress(f"starting the primary of {SETUP_NAMES[setup]}")
         cluster = stack.enter_context(
             PostgresCluster(base / f"primary-{setup}", settings=PG_SETTINGS)
@@ -607,7 +638,7 @@ def start_setups(stack: contextlib.ExitStack, base: Path, opts: Options) -> Setu
     copy_line = COPY_DONE.search(replicator.log())
     checks.append(("(c) replicator", copy_line.group(0) if copy_line else "no initial copy"))
     checks.append(("(c) start to ready", timeline(replicator)))
-    for setup in SETUPS:
+    for setup in primaries:
         sync = primaries[setup].psql(
             "SELECT current_setting('synchronous_commit') || ', synchronous_standby_names=' "
             "|| quote_literal(current_setting('synchronous_standby_names'))"
@@ -615,7 +646,7 @@ def start_setups(stack: contextlib.ExitStack, base: Path, opts: Options) -> Setu
         checks.append((f"{SETUP_NAMES[setup][:3]} primary", f"synchronous_commit={sync.strip()}"))
 
     proxies = {}
-    for setup in SETUPS:
+    for setup in primaries:
         progress(f"starting haproxy-ln proxy in front of {SETUP_NAMES[setup]}")
         proxies[setup] = stack.enter_context(
             HaproxyLn(base / f"proxy-{setup}", primaries[setup].port, max_clients=50)
@@ -905,11 +936,11 @@ def copy_lines(c: CopyResult) -> list[str]:
     return [f"{k.ljust(width)}  {v}" for k, v in pairs]
 
 
-def paired(results: Results, i: int, field: str) -> list[float]:
-    """Per round, (c)'s `field` over (b)'s from the same round, for workload `i`."""
+def paired(results: Results, i: int, field: str, ref: str = "b") -> list[float]:
+    """Per round, (c)'s `field` over `ref`'s from the same round, for workload `i`."""
     return [
         getattr(c, field) / getattr(b, field)
-        for c, b in zip(results[(i, "c")], results[(i, "b")], strict=True)
+        for c, b in zip(results[(i, "c")], results[(i, ref)], strict=True)
     ]
 
 
@@ -936,6 +967,16 @@ def target_lines(
             f"{verdict(p99_ratio <= 1.5)}  {name}: (c) p99 <= 1.5x (b)'s "
             f"({ours.p99_ms:.3f} vs {ref.p99_ms:.3f} ms, {p99_ratio:.2f}x; "
             f"per round {per_round})"
+        )
+    for i, w in enumerate(WORKLOADS):
+        ours, ref = sums[(i, "c")], sums[(i, "b2")]
+        name = f"{w.label}, {w.clients} client{'s' if w.clients > 1 else ''}"
+        tps_rounds = ", ".join(f"{r:.2f}" for r in paired(results, i, "tps", "b2"))
+        p99_rounds = ", ".join(f"{r:.2f}" for r in paired(results, i, "p99_ms", "b2"))
+        lines.append(
+            f"info  {name}: (c) against (b2), which also waits until the replica applied: "
+            f"TPS {ours.tps / ref.tps:.2f}x (per round {tps_rounds}), "
+            f"p99 {ours.p99_ms / ref.p99_ms:.2f}x (per round {p99_rounds})"
         )
     lines.append(
         f"{verdict(c.copy_mb_s >= 50)}  initial copy >= 50 MB/s "
@@ -964,7 +1005,7 @@ def report(
     parts += [
         "",
         f"pgbench through haproxy-ln proxy: medians over {opts.rounds} run(s) of "
-        f"{opts.duration} s, interleaved (a), (b), (c); latency per transaction",
+        f"{opts.duration} s, interleaved (a), (b), (b2), (c); latency per transaction",
         "",
         main_table(sums),
         "",
@@ -996,7 +1037,7 @@ def run(opts: Options, base: Path) -> str:
     with contextlib.ExitStack() as stack:
         setups = start_setups(stack, base, opts)
         info = facts(opts, setups.proxies["a"].native_framer())
-        ports = {setup: proxy.port for setup, proxy in setups.proxies.items()}
+        ports = {setup: setups.proxies[SERVERS[setup]].port for setup in SETUPS}
         watched = setups.watched()
         info.append(
             (
@@ -1008,7 +1049,7 @@ def run(opts: Options, base: Path) -> str:
                 "processes), and (c) the haproxy-ln replicate process",
             )
         )
-        results = run_rounds(ports, watched, setups.check_sync, script, logs, opts)
+        results = run_rounds(ports, watched, setups, script, logs, opts)
         checks = [*setups.checks, *consistency_checks(setups)]
         warnings = [
             line

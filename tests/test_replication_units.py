@@ -202,6 +202,21 @@ def test_a_transaction_becomes_one_record_with_changes_in_order() -> None:
     assert record.tables() == ["public.t"]
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        pgoutput.Insert(16384, ("1", "a")),
+        pgoutput.Update(16384, None, None, ("1", "b", None, "extra")),
+        pgoutput.Delete(16384, "K", ("2",)),
+    ],
+)
+def test_a_change_whose_values_do_not_match_its_columns_is_a_protocol_violation(
+    change: pgoutput.PgOutputMessage,
+) -> None:
+    with pytest.raises(ProtocolViolation, match="values for 3 columns"):
+        feed_all([REL, pgoutput.Begin(900, 10, 77), change])
+
+
 def test_full_identity_finds_the_row_by_every_old_value() -> None:
     full = pgoutput.Relation(
         5, "s", "nopk", "f", (pgoutput.Column(0, "a", 23, -1), pgoutput.Column(0, "b", 25, -1))

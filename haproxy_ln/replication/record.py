@@ -260,9 +260,16 @@ def _command(m: Any, statement: _Statement | None) -> _Command | Ddl:
 
 
 def _present(
-    names: tuple[str, ...], values: pgoutput.Tuple, keep: tuple[bool, ...]
+    names: tuple[str, ...], values: pgoutput.Tuple, keep: tuple[bool, ...] | None = None
 ) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
-    """The (names, values) of the columns that are kept and not unchanged TOAST."""
+    """The (names, values) of the columns that are kept (all when `keep` is None) and
+    not unchanged TOAST."""
+    if len(values) != len(names):
+        raise ProtocolViolation(f"a change has {len(values)} values for {len(names)} columns")
+    if keep is None:
+        if pgoutput.UNCHANGED not in values:  # the common case, without a copy
+            return names, values  # type: ignore[return-value]  # no Unchanged in it
+        keep = (True,) * len(names)
     pairs = [
         (n, v)
         for n, v, k in zip(names, values, keep, strict=True)
@@ -282,7 +289,9 @@ class Assembler:
     def __init__(self, epoch: int, source_node: str) -> None:
         self.epoch = epoch
         self.source_node = source_node
-        self._relations: dict[int, pgoutput.Relation] = {}
+        # relid -> the relation, its column names, which columns are its key
+        self._relations: dict[int, tuple[pgoutput.Relation, tuple[str, ...], tuple[bool, ...]]]
+        self._relations = {}
         self._begin: pgoutput.Begin | None = None
         self._pending: list[_Pending] = []
         self._statement: _Statement | None = None  # of the last DDL command
@@ -301,7 +310,8 @@ class Assembler:
         cannot repeat exactly.
         """
         if isinstance(msg, pgoutput.Relation):
-            self._relations[msg.relid] = msg
+            names = tuple(c.name for c in msg.columns)
+            self._relations[msg.relid] = (msg, names, tuple(c.is_key for c in msg.columns))
         elif isinstance(msg, pgoutput.Begin):
             if self._begin is not None:
                 raise ProtocolViolation("Begin inside a transaction")
@@ -351,7 +361,7 @@ class Assembler:
             self._add(Row(Op.DELETE, head[0], head[1]))
             self._rewritten = head
 
-    def _relation(self, relid: int) -> pgoutput.Relation:
+    def _relation(self, relid: int) -> tuple[pgoutput.Relation, tuple[str, ...], tuple[bool, ...]]:
         try:
             return self._relations[relid]
         except KeyError:
@@ -362,23 +372,20 @@ class Assembler:
     ) -> None:
         self._rewritten = None
         if isinstance(msg, pgoutput.Truncate):
-            rels = [self._relation(r) for r in msg.relids]
+            rels = [self._relation(r)[0] for r in msg.relids]
             tables = tuple((r.namespace, r.name) for r in rels if r.namespace != OWN_SCHEMA)
             if tables:
                 self._add(TruncateTables(tables, msg.cascade, msg.restart_identity))
             return
-        rel = self._relation(msg.relid)
+        rel, names, is_key = self._relation(msg.relid)
         if rel.namespace == OWN_SCHEMA:
             return
-        names = tuple(c.name for c in rel.columns)
-        every = (True,) * len(names)
         if isinstance(msg, pgoutput.Insert):
-            cols, vals = _present(names, msg.new, every)
+            cols, vals = _present(names, msg.new)
             self._add(Row(Op.INSERT, rel.namespace, rel.name, cols, vals), rel.relid)
             return
-        is_key = tuple(c.is_key for c in rel.columns)
         if msg.old is not None:
-            key_cols, key_vals = _present(names, msg.old, every if msg.old_kind == "O" else is_key)
+            key_cols, key_vals = _present(names, msg.old, None if msg.old_kind == "O" else is_key)
         elif isinstance(msg, pgoutput.Update):
             key_cols, key_vals = _present(names, msg.new, is_key)
         else:
@@ -386,7 +393,7 @@ class Assembler:
         if not key_cols:
             raise ProtocolViolation(f"change to {rel.namespace}.{rel.name} names no row")
         if isinstance(msg, pgoutput.Update):
-            cols, vals = _present(names, msg.new, every)
+            cols, vals = _present(names, msg.new)
             row = Row(Op.UPDATE, rel.namespace, rel.name, cols, vals, key_cols, key_vals)
         else:
             row = Row(Op.DELETE, rel.namespace, rel.name, (), (), key_cols, key_vals)
