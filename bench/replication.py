@@ -815,8 +815,9 @@ def facts(opts: Options, native: bool) -> list[tuple[str, str]]:
             "setups",
             "(a)/(b)/(c) each its own primary, all running at once, each behind its own "
             "haproxy-ln proxy (defaults); (b) pg_basebackup -R -X stream, "
-            f"synchronous_standby_names='{STANDBY_NAME}'; (c) haproxy-ln replicate "
-            "(defaults: sync mode, max_batch 1000)",
+            f"synchronous_standby_names='{STANDBY_NAME}', synchronous_commit=on; (b2) (b)'s "
+            "primary and standby with synchronous_commit=remote_apply (set before each run); "
+            "(c) haproxy-ln replicate (defaults: sync mode, max_batch 1000)",
         ),
         (
             "pgbench",

@@ -147,4 +147,5 @@ def test_an_idle_replicator_notices_that_the_replica_store_stopped_answering(
     finally:
         for pid in paused:
             os.kill(pid, signal.SIGCONT)
-    assert rep.stop() == 0, rep.log()
+        code = rep.stop()
+    assert code == 0, rep.log()
