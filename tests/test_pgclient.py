@@ -20,6 +20,7 @@ from haproxy_ln.local.postgres import OS_USER_WHEN_ROOT
 from haproxy_ln.pgwire import messages
 from haproxy_ln.pgwire.dsn import PgTarget
 from haproxy_ln.replicator.pgclient import PgConnection, SocketTransport
+from haproxy_ln.replicator.walsender import WalSenderConnection
 from haproxy_ln.sim.wallet import self_signed
 
 
@@ -230,3 +231,38 @@ async def test_the_transport_carries_more_than_a_socket_buffer_both_ways() -> No
         for _ in range(100):  # the first send after the peer left may still succeed
             await transport.send_all(b"y" * 65536)
     await transport.aclose()
+
+
+class _RecordingStream(trio.abc.Stream):
+    """Serves `data` in chunks of at most `chunk` bytes; records what each read asked."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self.data, self.chunk, self.asked = data, chunk, list[int]()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        assert max_bytes is not None
+        self.asked.append(max_bytes)
+        out, self.data = (
+            self.data[: min(max_bytes, self.chunk)],
+            self.data[min(max_bytes, self.chunk) :],
+        )
+        return out
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise AssertionError("nothing is sent")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        raise AssertionError("nothing is sent")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_large_message_is_read_a_megabyte_at_a_time() -> None:
+    """A read may allocate all it asks for: a 3 MB message (or a declared 1 GB one)
+    must not be asked for whole."""
+    body = os.urandom(3 << 20)
+    stream = _RecordingStream(messages.build(b"d", body), 200_000)
+    conn = WalSenderConnection(stream, PgTarget.parse("postgresql://u@127.0.0.1:1/d"))
+    assert await conn.receive() == body
+    assert max(stream.asked) <= 1 << 20

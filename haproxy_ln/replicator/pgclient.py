@@ -44,6 +44,7 @@ _QUERY_REPLIES = b"TCINS"
 _PIPELINE_REPLIES = b"123CDTnsINS"
 _ERROR, _DATA_ROW, _READY = b"E"[0], b"D"[0], b"Z"[0]
 _LENGTH = struct.Struct("!I")
+_READ_MAX = 1 << 20  # bytes asked of the socket at once
 # How many reads or writes in a row may find the socket ready before one checkpoint.
 _READY_STREAK = 16
 
@@ -335,7 +336,10 @@ class PgConnection:
 
     async def _fill(self, n: int) -> None:
         while len(self._buf) < n:
-            chunk = await self._stream.receive_some(max(65536, n - len(self._buf)))
+            # Each read may allocate all it asks for at first: a declared 1 GB
+            # message is read 1 MB at a time, not 1 GB at a time.
+            want = min(max(65536, n - len(self._buf)), _READ_MAX)
+            chunk = await self._stream.receive_some(want)
             if not chunk:
                 raise ReplicationError(f"{self._target} closed the connection")
             self._buf += chunk
