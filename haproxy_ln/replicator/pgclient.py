@@ -108,8 +108,7 @@ class SocketTransport(trio.abc.Stream):
     @classmethod
     async def connect(cls, host: str, port: int) -> SocketTransport:
         """Raises OSError when no address of `host` accepts the connection."""
-        stream = await trio.open_tcp_stream(host, port)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = await trio.open_tcp_stream(host, port)  # which sets TCP_NODELAY
         return cls(socket.socket(fileno=stream.socket.detach()))
 
     async def _ready(self) -> None:
