@@ -17,8 +17,15 @@ from pathlib import Path
 
 import pytest
 from harness import MODES, ProxyThread
+from replication_harness import kill_leftovers
 
 from haproxy_ln.local import EtcdServer, PostgresCluster, scratch_dir
+
+
+@pytest.fixture(autouse=True)
+def _no_replicator_left_running() -> Iterator[None]:
+    yield
+    kill_leftovers()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from pathlib import Path
 from haproxy_ln.local import PostgresCluster
 
 READY = "synchronous: every commit now waits"
+_STARTED: list[ReplicatorProcess] = []  # see kill_leftovers
 
 
 class ReplicatorProcess:
@@ -57,6 +58,7 @@ class ReplicatorProcess:
         offset = len(self.log())
         out = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+        _STARTED.append(self)
         out.close()
         if wait:
             deadline = time.monotonic() + timeout
@@ -103,3 +105,11 @@ def rows_digest(cluster: PostgresCluster, dbname: str = "postgres") -> dict[str,
         count, _, md5 = out.partition(" ")
         digest[t] = (int(count), md5)
     return digest
+
+
+def kill_leftovers() -> None:
+    """SIGKILL every replicator a test started and did not stop (a failure between
+    its start and its stop): left running, it would retry against stopped clusters
+    for the rest of the session."""
+    while _STARTED:
+        _STARTED.pop().kill()
