@@ -28,7 +28,7 @@ Core-Lightning-like schema), all measured through their proxy:
   now waits (its initial copy of the scale-`--scale` data happens then).
 
 Each round runs every workload against (a), (b), (b2), (c) in that order, so slow
-drift on a noisy shared machine hits all three alike; the report gives the
+drift on a noisy shared machine hits all four alike; the report gives the
 median over the rounds and every run. Per run: pgbench's TPS (without
 initial connection time) and the exact p50 and p99 of the per-transaction
 latencies in pgbench's `--log` files (third column, microseconds; nearest
@@ -96,8 +96,8 @@ SETUP_NAMES = {
     "b2": "(b2) physical, remote_apply",
     "c": "(c) haproxy-ln logical sync",
 }
-# (b2) is (b)'s primary and standby with another synchronous_commit: what each
-# (b) setup makes a commit wait for.
+# Whose servers each setup runs on: (b2) is (b)'s primary and standby, with
+# another synchronous_commit (set before each run of either).
 SERVERS = {"a": "a", "b": "b", "b2": "b", "c": "c"}
 SYNCHRONOUS_COMMIT = {"b": "on", "b2": "remote_apply"}
 PROTOCOL = "simple"
@@ -606,7 +606,7 @@ def timeline(replicator: Replicator) -> str:
 def start_setups(stack: contextlib.ExitStack, base: Path, opts: Options) -> Setups:
     """Start (a), (b) and (c) with their proxies; everything is entered on `stack`."""
     primaries = {}
-    for setup in ("a", "b", "c"):
+    for setup in dict.fromkeys(SERVERS.values()):
         progress(f"starting the primary of {SETUP_NAMES[setup]}")
         cluster = stack.enter_context(
             PostgresCluster(base / f"primary-{setup}", settings=PG_SETTINGS)
