@@ -242,10 +242,8 @@ class _RecordingStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         assert max_bytes is not None
         self.asked.append(max_bytes)
-        out, self.data = (
-            self.data[: min(max_bytes, self.chunk)],
-            self.data[min(max_bytes, self.chunk) :],
-        )
+        n = min(max_bytes, self.chunk)
+        out, self.data = self.data[:n], self.data[n:]
         return out
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
