@@ -1,6 +1,6 @@
 """A replication connection to the local primary, spoken with our own pgwire code.
 
-How this works: `connect` logs in like any `PgConnection`, with
+How this works: `open` logs in like any `PgConnection`, with
 `replication=database` and the sync name as `application_name` (the name
 PostgreSQL matches against `synchronous_standby_names`). `query` runs a
 replication command (IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT, ...) or plain
