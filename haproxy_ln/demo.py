@@ -17,9 +17,10 @@ acknowledged channel state. Then:
 5. the one-signer check over both event logs, a summary, a timeline
    picture (SVG), and with `--json` a JSON summary as the last line.
 
-Everything it started is stopped and its directory removed at the end (on
-errors and Ctrl-C too), unless `--keep` is given: then the pair keeps
-running until Ctrl-C, with the commands to look at it.
+Everything it started is stopped at the end (on errors and Ctrl-C too).
+Its directory is removed after a success; after a failure it stays, and
+the last lines of each agent's log are printed. With `--keep` the pair
+keeps running until Ctrl-C, with the commands to look at it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from haproxy_ln.sim.journal import read_journal
 DBNAME = "lightning"
 RATE = 50  # simulated channel updates per second
 TIMEOUT = 90.0  # seconds any one phase may take before the demo gives up
+LOG_TAIL = 25  # lines of each agent's log shown when the demo fails
 
 Say = Callable[[str], None]
 T = TypeVar("T")
@@ -124,17 +126,22 @@ class Demo:
         self.wait(self.a, "takeover.timeline", 0.0, "a to become active")
         self.say("node a is active; starting node b")
         self.b.start()
+        self.wait(self.b, "ha.standby", 0.0, "b to stand by")
         self.wait_sync(self.a, self.b, 0.0)
 
     # --- waiting and watching ---------------------------------------------------------------
 
     def wait(self, node: AgentNode, kind: str, after: float, what: str) -> float:
         """Wait for `node`'s event `kind` at or after `after`; its monotonic time."""
-        found = _poll(lambda: node.first(kind, after), f"{what}; see {node.log_path}")
+        found = _poll(
+            lambda: node.first(kind, after) if _running(node) else None,
+            f"{what}; see {node.log_path}",
+        )
         return found.mono
 
     def wait_sync(self, active: AgentNode, standby: AgentNode, after: float) -> None:
         def record() -> Event | None:
+            _running(active, standby)
             return next(
                 (
                     e
@@ -155,7 +162,10 @@ class Demo:
         return [r.mono for r in records if r.kind == "ack" and r.mono >= after]
 
     def first_ack(self, node: AgentNode, after: float, what: str) -> float:
-        acks = _poll(lambda: self.acks(node, after) or None, f"a write on {node.name} after {what}")
+        acks = _poll(
+            lambda: (_running(node) and self.acks(node, after)) or None,
+            f"a write on {node.name} after {what}",
+        )
         return acks[0]
 
     def traffic(self, node: AgentNode, seconds: float) -> None:
@@ -168,6 +178,7 @@ class Demo:
         shown = 0
         deadline = time.monotonic() + TIMEOUT
         while True:
+            _running(node)
             events = [e for e in node.events() if e.mono >= since]
             for e in events[shown:]:
                 self.say(f"  +{e.mono - since:6.3f} s  {node.name}: {e.kind}")
@@ -276,13 +287,34 @@ def run_demo(seconds: float, keep: bool, chart: Path, say: Say) -> DemoSummary:
         )
         if keep:
             _explore(demo)
+    except BaseException:
+        keep = True  # the logs the error points to
+        for node in demo.nodes():
+            say(f"the last lines of {node.log_path}:")
+            for line in node.log().splitlines()[-LOG_TAIL:]:
+                say(f"  {line}")
+        raise
+    else:
         return summary
     finally:
         with _no_interrupts():
             say("stopping the agents, PostgreSQL and etcd")
             demo.stop()
-            if not keep:
+            if keep:
+                say(f"the files stay in {base}")
+            else:
                 shutil.rmtree(base, ignore_errors=True)
+
+
+def _running(*nodes: AgentNode) -> bool:
+    """True; raises DemoFailed if one of `nodes`' agents exited, as waiting on is then
+    pointless (an agent that cannot bind its ports exits at once, say)."""
+    for node in nodes:
+        if node.exit_code is not None:
+            raise DemoFailed(
+                f"node {node.name}'s agent exited with code {node.exit_code}; see {node.log_path}"
+            )
+    return True
 
 
 def _poll(find: Callable[[], T | None], what: str) -> T:

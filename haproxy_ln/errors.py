@@ -27,6 +27,10 @@ class BufferBudgetExhausted(HaproxyLnError):
     """The proxy's shared buffer budget cannot fit one more buffer."""
 
 
+class ListenError(HaproxyLnError):
+    """An address to serve on cannot be bound: in use, not local, or not permitted."""
+
+
 class FramerMisuse(RuntimeError):
     """The framer was driven out of order: a bug in haproxy-ln, not the peer."""
 

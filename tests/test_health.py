@@ -30,6 +30,7 @@ from test_purity import FORBIDDEN, imported_by, module_file, with_parents
 
 from haproxy_ln.cli import main
 from haproxy_ln.config import HostPort, ReplicationConfig
+from haproxy_ln.errors import ListenError
 from haproxy_ln.ha import Role
 from haproxy_ln.health import rules
 from haproxy_ln.health.app import HealthApp
@@ -44,7 +45,7 @@ from haproxy_ln.health.model import (
     ReplicationFacts,
     SyncRecordFacts,
 )
-from haproxy_ln.health.server import HealthServerError, serve_app
+from haproxy_ln.health.server import serve_app
 from haproxy_ln.health.status import NodeStatus, PairStatus, render_table
 from haproxy_ln.health.store import StoreProbe
 from haproxy_ln.local import EtcdServer, PostgresCluster
@@ -509,7 +510,7 @@ async def test_an_address_in_use_is_a_clear_error() -> None:
                 await second.start(
                     serve_app, make_app(active_report()), HostPort("127.0.0.1", port)
                 )
-        errors = info.value.subgroup(HealthServerError)
+        errors = info.value.subgroup(ListenError)
         assert errors is not None, info.value
         assert f"[health] listen 127.0.0.1:{port}" in str(errors.exceptions[0])
         nursery.cancel_scope.cancel()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import haproxy_ln.local.etcd as etcd_module
+import haproxy_ln.local.ports as ports_module
 import haproxy_ln.local.postgres as postgres_module
 from haproxy_ln.local import EtcdServer, LocalServerError, PostgresCluster, free_port, free_ports
 from haproxy_ln.local.ports import LOOPBACK, pid_alive
@@ -136,6 +137,25 @@ def test_cluster_dies_with_the_process_that_started_it(server_dir: Path) -> None
         finally:
             owner.send_signal(signal.SIGKILL)
     assert wait_gone(pid), "postmaster outlived the SIGKILLed process that started it"
+
+
+def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
+    # An outgoing connection takes its local port from the ephemeral range, so a port
+    # from there could be taken between free_ports and the server's bind.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = free_ports(50)
+    assert len(set(ports)) == 50
+    assert all(1024 <= port < low for port in ports), ports
+    for port in ports:  # each was free: nothing listens there
+        with socket.socket() as sock:
+            sock.bind((LOOPBACK, port))
+
+
+def test_free_ports_skip_a_port_in_use(busy_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    candidates = iter([busy_port, busy_port])
+    monkeypatch.setattr(ports_module, "_below_ephemeral", lambda: candidates)
+    (port,) = free_ports(1)  # both candidates tried and refused, then the kernel's choice
+    assert port != busy_port and next(candidates, None) is None
 
 
 def test_start_retries_when_the_chosen_port_is_taken(

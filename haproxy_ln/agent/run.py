@@ -43,7 +43,10 @@ async def run_agent(config: Config) -> None:
     """Run this node's agent until SIGTERM or SIGINT. Raises HaproxyLnError if it cannot start."""
     node = config.node.name
     events = EventLog(Path(config.node.event_log), node)
-    events.emit("agent.started")
+    try:
+        events.emit("agent.started")
+    except OSError as e:
+        raise HaproxyLnError(f"[node] event_log: cannot write {e.filename}: {e.strerror}") from None
     keys = custody_from_config(config.keys, events)
     keys.cleanup_at_start()
     notifier = SystemdNotifier.from_env()

@@ -26,7 +26,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from haproxy_ln import metrics
 from haproxy_ln.config import Config, HostPort
-from haproxy_ln.errors import HaproxyLnError
+from haproxy_ln.errors import ListenError
 from haproxy_ln.health.app import HealthApp
 from haproxy_ln.health.collect import AgentSource
 from haproxy_ln.health.metrics import AgentCollector
@@ -36,13 +36,9 @@ if TYPE_CHECKING:
     from haproxy_ln.agent.shell import HaShell
     from haproxy_ln.proxy.server import Proxy
 
-__all__ = ["HealthServerError", "run_health", "serve_app"]
+__all__ = ["run_health", "serve_app"]
 
 log = logging.getLogger(__name__)
-
-
-class HealthServerError(HaproxyLnError):
-    """The health server cannot listen where `[health] listen` says."""
 
 
 def hypercorn_config(listen: HostPort) -> HypercornConfig:
@@ -64,12 +60,12 @@ async def serve_app(
 ) -> None:
     """Serve `app` on `listen` until cancelled; reports the bound URLs.
 
-    Raises HealthServerError if the address cannot be bound."""
+    Raises ListenError if the address cannot be bound."""
     try:
         await serve(cast(Framework, app), hypercorn_config(listen), task_status=task_status)
     except* OSError as group:
         # Binding is the only OSError hypercorn lets out (serve_listeners retries accepts).
-        raise HealthServerError(f"[health] listen {listen}: {group.exceptions[0]}") from None
+        raise ListenError(f"[health] listen {listen}: {group.exceptions[0]}") from None
 
 
 async def run_health(

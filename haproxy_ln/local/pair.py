@@ -160,6 +160,11 @@ class AgentNode:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        """The agent's exit code if it exited on its own (None while it runs or was stopped)."""
+        return None if self.proc is None else self.proc.poll()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

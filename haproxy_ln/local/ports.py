@@ -1,8 +1,12 @@
 """Loopback ports and child-server lifetimes shared by the local servers.
 
-How this works: `free_port` asks the kernel for an unused loopback port by
-binding port 0; the port is released before the server binds it, so callers
-retry on EADDRINUSE. `Supervised` runs a server under a small supervisor
+How this works: `free_port` picks an unused loopback port at random below
+the kernel's ephemeral range (`ip_local_port_range`), checking it by
+binding it. The port is released before the server binds it, so callers
+retry on EADDRINUSE; but no outgoing connection can take it in between,
+as those get their local port from the ephemeral range. (Ports from that
+range did collide: an agent whose proxy port a connection had taken in
+the meantime exited at start.) `Supervised` runs a server under a small supervisor
 process (`_supervise`, run with `python -c`). The supervisor starts the server,
 reports its pid, reaps it when it exits, and watches a "lifeline" pipe from
 us: when the pipe closes (our `close()`, or this Python process dying in any
@@ -17,6 +21,7 @@ import argparse
 import contextlib
 import os
 import pwd
+import random
 import select
 import signal
 import socket
@@ -24,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Self
@@ -32,6 +37,8 @@ from typing import Any, Self
 from haproxy_ln.errors import HaproxyLnError
 
 LOOPBACK = "127.0.0.1"
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+FIRST_PORT = 10000  # below it are the well-known defaults (PostgreSQL's 5432, etcd's 2379)
 SUPERVISOR = f"import sys; from {__name__} import _supervise; sys.exit(_supervise(sys.argv[1:]))"
 
 
@@ -64,17 +71,38 @@ class LocalServer:
 def free_ports(count: int) -> list[int]:
     """Return `count` distinct loopback TCP ports that were free a moment ago.
 
-    The sockets are all open at once, so the ports differ from each other;
-    another process may still take one before the caller binds it.
+    They come from below the ephemeral range when it leaves room (see the
+    module docstring), else from the kernel. The sockets are all open at
+    once, so the ports differ from each other; another process may still
+    bind one before the caller does.
     """
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    socks: list[socket.socket] = []
     try:
-        for s in socks:
-            s.bind((LOOPBACK, 0))
+        candidates = _below_ephemeral()
+        while len(socks) < count:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            for port in candidates:
+                with contextlib.suppress(OSError):
+                    s.bind((LOOPBACK, port))
+                    break
+            else:
+                s.bind((LOOPBACK, 0))
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for s in socks:
             s.close()
+
+
+def _below_ephemeral() -> Iterator[int]:
+    """Random ports from FIRST_PORT up to the ephemeral range; a few, not all of them."""
+    try:
+        low = int(Path(EPHEMERAL_RANGE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return iter(())
+    if low - FIRST_PORT < 1000:
+        return iter(())
+    return (random.randrange(FIRST_PORT, low) for _ in range(100))
 
 
 def free_port() -> int:

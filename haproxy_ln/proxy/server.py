@@ -20,6 +20,7 @@ import trio
 
 from haproxy_ln import framing
 from haproxy_ln.config import ProxyConfig
+from haproxy_ln.errors import ListenError
 from haproxy_ln.pgwire import messages
 from haproxy_ln.proxy.cancel import CancelRouter
 from haproxy_ln.proxy.connection import ClientConnection, send_nowait
@@ -84,9 +85,14 @@ class Proxy:
     async def serve(
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Listen and serve until stop(); reports the bound addresses."""
+        """Listen and serve until stop(); reports the bound addresses.
+
+        Raises ListenError if the address cannot be bound."""
         listen = self.config.listen
-        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+        try:
+            listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+        except OSError as e:
+            raise ListenError(f"[proxy] listen {listen}: {e}") from None
         self.addresses = [lst.socket.getsockname()[:2] for lst in listeners]
         if self._use_relay:
             from haproxy_ln.framing.relay import NativeRelay
