@@ -3,20 +3,25 @@ replica store has it, whatever happens to the replicator in between."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
 import threading
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
+import trio
 from harness import ProxyThread
 from replication_harness import ReplicatorProcess, rows_digest
 
 from haproxy_ln import metrics
+from haproxy_ln.agent.local import LocalStore
 from haproxy_ln.config import ReplicationConfig
 from haproxy_ln.local import PostgresCluster
 from haproxy_ln.local.ports import LocalServerError
+from haproxy_ln.store import bridge
 
 Pair = tuple[PostgresCluster, PostgresCluster]
 
@@ -263,3 +268,53 @@ def metric_value(histogram: object, suffix: str) -> float:
         for sample in family.samples
         if sample.name.endswith(suffix)
     )
+
+
+def test_a_writer_paused_mid_batch_does_not_hold_a_new_leaders_fence_up(
+    pg_pair: Pair, tmp_path: Path
+) -> None:
+    # An old leader's replicator, paused while the replica store applies a big batch,
+    # holds the fence row (and the position) until its connection dies. The new
+    # leader, raising the fence on that store, must end that session, not wait for it.
+    primary, replica = pg_pair
+    primary.psql("CREATE TABLE big (id int PRIMARY KEY, pad text)")
+    old = ReplicatorProcess(primary, replica, tmp_path / "old.log", epoch=1).start()
+    assert old.proc is not None
+    big = "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 300000) g"
+    def commit_big() -> None:  # waits for the paused replicator: stopping the cluster ends it
+        with contextlib.suppress(LocalServerError):
+            primary.psql(big)
+
+    threading.Thread(target=commit_big, daemon=True).start()
+    holding = (
+        "SELECT count(*) FROM pg_locks WHERE granted AND mode = 'RowShareLock' "
+        "AND relation = 'haproxy_ln.fence'::regclass"
+    )
+    deadline = time.monotonic() + 60
+    while replica.psql(holding).strip() == "0":
+        assert time.monotonic() < deadline, "the batch never started on the replica store"
+        time.sleep(0.01)
+    old.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.5)
+        assert replica.psql(holding).strip() == "1", "the batch ended before the pause"
+
+        async def take_over() -> None:
+            config = ReplicationConfig(source=replica.dsn(), replica=primary.dsn())
+            async with bridge.open_bridge():
+                store = LocalStore(config)
+                try:
+                    with trio.fail_after(30):
+                        await store.raise_fence(2, "new")
+                finally:
+                    await store.close()
+
+        trio.run(take_over)
+        assert replica.psql("SELECT epoch, node FROM haproxy_ln.fence").strip() == "2|new"
+        assert replica.psql(holding).strip() == "0"
+        assert count(replica, "big") == 0  # the paused batch was rolled back
+    finally:
+        old.proc.send_signal(signal.SIGCONT)
+    # Resumed, the old writer finds its session gone and is refused from then on.
+    assert old.proc.wait(60) == 1
+    assert "fenced at epoch 2" in old.log()

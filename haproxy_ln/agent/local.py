@@ -27,6 +27,9 @@ from haproxy_ln.store.schema import SCHEMA
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
+# How long raising the fence waits for a writer's batch to finish before ending
+# the writer's session (see _end_writers); a live batch takes milliseconds.
+FENCE_LOCK_TIMEOUT_MS = 1000
 T = TypeVar("T")
 
 _FACTS_SQL = f"""
@@ -163,12 +166,40 @@ def _standby_names(setting: str) -> set[str]:
 
 async def _raise_fence(conn: asyncpg.Connection, epoch: int, node: str) -> None:
     await primary.ensure_store(conn)
-    async with conn.transaction():
-        await raise_fence(conn, epoch, node)
-        # This database now takes writes of its own: its position as a replica of the
-        # old primary means nothing any more, so a later rejoin copies it afresh
-        # instead of streaming on top of writes the other node never saw.
-        await conn.execute(f"DELETE FROM {SCHEMA}.replica_state")
+    while True:
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {FENCE_LOCK_TIMEOUT_MS}")
+                await raise_fence(conn, epoch, node)
+                # This database now takes writes of its own: its position as a replica of
+                # the old primary means nothing any more, so a later rejoin copies it
+                # afresh instead of streaming on top of writes the other node never saw.
+                await conn.execute(f"DELETE FROM {SCHEMA}.replica_state")
+            return
+        except asyncpg.LockNotAvailableError:
+            await _end_writers(conn)
+
+
+async def _end_writers(conn: asyncpg.Connection) -> None:
+    """End the sessions that hold the fence or the replica position mid-batch.
+
+    Only an older epoch's replicator writes here (this node is taking over), and a
+    batch locks both rows from its start to its commit. One paused or cut off while
+    it sent a batch holds them until its connection dies, which TCP may notice only
+    after hours; the fence, and so the takeover, would wait that long. Ending the
+    session rolls its batch back: none of it was acknowledged.
+    """
+    ended = await conn.fetch(
+        "SELECT l.pid, pg_terminate_backend(l.pid) FROM pg_locks l "
+        "WHERE l.granted AND l.pid <> pg_backend_pid() AND l.relation IN "
+        f"('{SCHEMA}.fence'::regclass, '{SCHEMA}.replica_state'::regclass) "
+        "AND l.mode IN ('RowShareLock', 'RowExclusiveLock')"
+    )
+    log.warning(
+        "raising the fence: ended %d session(s) holding it mid-batch (pids %s)",
+        len(ended),
+        ", ".join(str(r["pid"]) for r in ended) or "none left",
+    )
 
 
 async def _drop_slot(conn: asyncpg.Connection, slot: str) -> None:
