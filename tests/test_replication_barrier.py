@@ -281,6 +281,7 @@ def test_a_writer_paused_mid_batch_does_not_hold_a_new_leaders_fence_up(
     old = ReplicatorProcess(primary, replica, tmp_path / "old.log", epoch=1).start()
     assert old.proc is not None
     big = "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 300000) g"
+
     def commit_big() -> None:  # waits for the paused replicator: stopping the cluster ends it
         with contextlib.suppress(LocalServerError):
             primary.psql(big)
