@@ -228,6 +228,44 @@ def switchover_command(config_file: Path, target: str | None, timeout: float) ->
     run_trio(job)
 
 
+@main.command("promote")
+@click.option(
+    "--config", "config_file", type=CONFIG_FILE, required=True, help="The node to promote."
+)
+@click.option(
+    "--accept-data-loss",
+    is_flag=True,
+    help="Required: writes the old active acknowledged without this node's replica are lost.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the takeover.",
+)
+def promote_command(config_file: Path, accept_data_loss: bool, timeout: float) -> None:
+    """Make this node take over although the sync record does not name it: only while no
+    node is active, and only with --accept-data-loss."""
+    from haproxy_ln.agent.promote import force_promotion
+
+    config = load_or_exit(config_file)
+    if not accept_data_loss:
+        click.echo(
+            "error: a forced promotion loses every write the old active acknowledged without "
+            f"{config.node.name}'s replica; if the old active is gone for good, run again with "
+            "--accept-data-loss",
+            err=True,
+        )
+        raise SystemExit(1)
+    setup_logging("warning")
+
+    async def job() -> None:
+        click.echo(await force_promotion(config, timeout))
+
+    run_trio(job)
+
+
 @main.command("status")
 @click.option(
     "--config", "config_file", type=CONFIG_FILE, required=True, help="A node's configuration."

@@ -9,6 +9,8 @@ outcome from the agents' safety event logs (monotonic timestamps) with
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,7 +179,12 @@ def test_paused_active_fences_itself_first_on_waking_and_its_epoch_is_refused(
     check_one_signer(a, b, outside=(paused, torn_down))
 
 
-def test_standby_not_named_in_the_sync_record_does_not_promote(
+def promote(node: Node, *flags: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "haproxy_ln", "promote", "--config", str(node.config_path)]
+    return subprocess.run(argv + list(flags), capture_output=True, text=True, timeout=90)
+
+
+def test_standby_not_named_in_the_sync_record_waits_until_an_operator_forces_it(
     pair: tuple[Node, Node],
 ) -> None:
     a, b = pair
@@ -193,4 +200,15 @@ def test_standby_not_named_in_the_sync_record_does_not_promote(
     assert first(b, "keys.materialized", killed) is None
     last_reason = b.log().strip().splitlines()[-1]
     assert "standby: " in last_reason and "sync record" in last_reason, last_reason
+    # The operator's override: refused without the data-loss flag, then honoured.
+    b.pg.start()
+    refused = promote(b)
+    assert refused.returncode == 1 and "--accept-data-loss" in refused.stderr, refused.stderr
+    time.sleep(TTL)
+    assert first(b, "leader.acquired", killed) is None
+    forced = promote(b, "--accept-data-loss", "--timeout", "60")
+    assert forced.returncode == 0, forced.stderr + b.log()[-3000:]
+    assert "b took over in place of epoch" in forced.stdout
+    wait_for("b to run its daemon", lambda: first(b, "daemon.ready", killed) is not None, 60, b)
+    assert "forced by the operator, who accepted data loss" in b.log()
     check_one_signer(a, b)

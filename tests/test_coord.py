@@ -20,9 +20,12 @@ from faultproxy import FaultProxy
 from haproxy_ln.config import EtcdConfig
 from haproxy_ln.coord import Coord, Lease, Successor, SyncRecord, open_coord
 from haproxy_ln.coord.model import (
+    ForceRequest,
     Keys,
+    decode_force,
     decode_successor,
     decode_sync,
+    encode_force,
     encode_successor,
     encode_sync,
 )
@@ -261,6 +264,28 @@ async def test_a_successor_that_never_comes_blocks_the_others_only_until_it_expi
         assert await a.campaign(lease_a) is not None
 
 
+# --- forced promotion ----------------------------------------------------------------------
+
+
+async def test_a_forced_promotion_is_written_only_while_no_node_leads(config: EtcdConfig) -> None:
+    async with node(config, "a") as (a, lease_a), open_coord(config, "b") as b:
+        with pytest.raises(CoordError, match="no sync record"):
+            await b.force_promotion("b")
+        epoch = await a.campaign(lease_a)
+        assert epoch is not None
+        assert await a.write_sync(epoch, None) is True  # a runs degraded
+        with pytest.raises(CoordError, match="a is active"):
+            await b.force_promotion("b")
+        assert (await b.view()).force is None
+        assert await a.resign(epoch, None) is True  # a is gone
+        request = await b.force_promotion("b")
+        assert request == ForceRequest(node="b", epoch=epoch)
+        assert (await a.view()).force == request
+        assert await b.drop_force(ForceRequest(node="b", epoch=epoch + 1)) is False
+        assert await b.drop_force(request) is True
+        assert (await a.view()).force is None
+
+
 # --- values ------------------------------------------------------------------------------
 
 
@@ -289,6 +314,14 @@ def test_records_read_back_as_written() -> None:
 def test_a_sync_record_haproxy_ln_could_not_have_written_is_refused(value: bytes) -> None:
     with pytest.raises(CoordError, match="etcd key /p/sync "):
         decode_sync(Keys("/p").sync, value)
+
+
+def test_a_forced_promotion_reads_back_and_must_accept_data_loss() -> None:
+    keys = Keys("/p")
+    request = ForceRequest(node="b", epoch=7)
+    assert decode_force(keys.force, encode_force(request)) == request
+    with pytest.raises(CoordError, match="does not accept data loss"):
+        decode_force(keys.force, b'{"accept_data_loss": false, "epoch": 7, "node": "b"}')
 
 
 def test_a_successor_record_without_a_node_is_refused() -> None:

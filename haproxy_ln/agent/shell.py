@@ -326,6 +326,9 @@ class HaShell:
             switchover=None
             if view.switchover is None
             else ha.SwitchoverRequest(view.switchover.epoch, view.switchover.target),
+            force_promotion=None
+            if view.force is None or view.force.node != self.node
+            else ha.ForcePromotion(view.force.epoch, accept_data_loss=True),
         )
 
     async def _drop_stale_slot(self) -> None:

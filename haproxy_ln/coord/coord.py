@@ -40,16 +40,19 @@ from haproxy_ln.config import EtcdConfig
 from haproxy_ln.coord.client import EtcdClient, Member, read_tls
 from haproxy_ln.coord.model import (
     CoordView,
+    ForceRequest,
     Keys,
     Leader,
     Lease,
     Successor,
     SwitchoverRequest,
     SyncRecord,
+    decode_force,
     decode_leader,
     decode_successor,
     decode_switchover,
     decode_sync,
+    encode_force,
     encode_successor,
     encode_switchover,
     encode_sync,
@@ -337,10 +340,66 @@ class Coord:
 
         return bool((await self._client.request("drop switchover request", delete)).succeeded)
 
+    # --- forced promotion -----------------------------------------------------------------------
+
+    async def force_promotion(self, node: str) -> ForceRequest:
+        """Let `node` promote in place of the newest epoch although the sync record does
+        not name it: the operator accepts that commits acknowledged only by the old
+        leader may be lost (invariant 2's override).
+
+        Written only while no node leads and the sync record is as read, so it cannot
+        override a leader that is alive, nor a record that changed meanwhile; the node
+        honours it only for that epoch. Raises CoordError (a node leads; no sync
+        record, so nothing to force; the keys changed meanwhile), CoordUnavailable.
+        """
+        keys = self._keys
+        view = await self.view()
+        if view.leader is not None:
+            raise CoordError(
+                f"{view.leader.node} is active (epoch {view.leader.epoch}): a forced promotion "
+                "only replaces a leader that is gone (haproxy-ln switchover hands over "
+                "without losing writes)"
+            )
+        record = view.sync
+        if record is None:
+            raise CoordError("there is no sync record: the first node to take the key leads")
+        request = ForceRequest(node=node, epoch=record.epoch)
+
+        async def write(member: Member, timeout: float) -> Any:
+            return await member.kv.txn(
+                [
+                    _txn(keys.leader, 0),
+                    KVService.txn_compare_value(keys.sync, encode_sync(record)),
+                ],
+                [_put(keys.force, encode_force(request))],
+                [],
+                timeout=timeout,
+            )
+
+        if not (await self._client.request("force promotion", write)).succeeded:
+            raise CoordError("a node took the leader key or the sync record changed: try again")
+        return request
+
+    async def drop_force(self, request: ForceRequest) -> bool:
+        """Delete the forced-promotion request if it still equals `request`.
+
+        Raises CoordUnavailable, CoordError."""
+        keys = self._keys
+
+        async def delete(member: Member, timeout: float) -> Any:
+            return await member.kv.txn(
+                [KVService.txn_compare_value(keys.force, encode_force(request))],
+                [_delete(keys.force)],
+                [],
+                timeout=timeout,
+            )
+
+        return bool((await self._client.request("drop forced promotion", delete)).succeeded)
+
     # --- everything at once, and waiting for a change -----------------------------------------
 
     async def view(self) -> CoordView:
-        """The leader, sync and successor keys as of one revision.
+        """The pair's keys (leader, sync, successor, requests) as of one revision.
 
         Raises CoordUnavailable, CoordError (also for a value haproxy-ln
         could not have written).
@@ -352,8 +411,9 @@ class Coord:
 
         answer = await self._client.request("read keys", read)
         found = {kv.key: kv for kv in _kvs(answer)}
-        held, sync, record, request = (
-            found.get(k) for k in (keys.leader, keys.sync, keys.successor, keys.switchover)
+        held, sync, record, request, force = (
+            found.get(k)
+            for k in (keys.leader, keys.sync, keys.successor, keys.switchover, keys.force)
         )
         return CoordView(
             leader=None if held is None else _leader(keys, held),
@@ -363,6 +423,7 @@ class Coord:
             switchover=None
             if request is None
             else decode_switchover(keys.switchover, request.value),
+            force=None if force is None else decode_force(keys.force, force.value),
         )
 
     async def wait_change(self, after_revision: int, timeout: float) -> bool:

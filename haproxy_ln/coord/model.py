@@ -25,16 +25,19 @@ from haproxy_ln.errors import CoordError
 
 __all__ = [
     "CoordView",
+    "ForceRequest",
     "Keys",
     "Leader",
     "Lease",
     "Successor",
     "SwitchoverRequest",
     "SyncRecord",
+    "decode_force",
     "decode_leader",
     "decode_successor",
     "decode_switchover",
     "decode_sync",
+    "encode_force",
     "encode_successor",
     "encode_switchover",
     "encode_sync",
@@ -62,6 +65,10 @@ class Keys:
     @property
     def switchover(self) -> bytes:
         return f"{self.prefix}/switchover".encode()
+
+    @property
+    def force(self) -> bytes:
+        return f"{self.prefix}/force".encode()
 
     @property
     def range_start(self) -> bytes:
@@ -116,6 +123,15 @@ class SwitchoverRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ForceRequest:
+    """An operator forced `node` to promote in place of the leader of `epoch`,
+    accepting that commits acknowledged only by that leader may be lost."""
+
+    node: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class CoordView:
     """All of the pair's keys as of one etcd `revision` (read in one transaction)."""
 
@@ -124,6 +140,7 @@ class CoordView:
     successor: Successor | None
     revision: int
     switchover: SwitchoverRequest | None = None
+    force: ForceRequest | None = None
 
 
 def encode_sync(record: SyncRecord) -> bytes:
@@ -138,6 +155,12 @@ def encode_successor(successor: Successor) -> bytes:
 
 def encode_switchover(request: SwitchoverRequest) -> bytes:
     return json.dumps({"epoch": request.epoch, "target": request.target}, sort_keys=True).encode()
+
+
+def encode_force(request: ForceRequest) -> bytes:
+    return json.dumps(
+        {"node": request.node, "epoch": request.epoch, "accept_data_loss": True}, sort_keys=True
+    ).encode()
 
 
 def _object(key: bytes, value: bytes, fields: set[str]) -> dict[str, object]:
@@ -193,6 +216,15 @@ def decode_switchover(key: bytes, value: bytes) -> SwitchoverRequest:
     if target is not None and (not isinstance(target, str) or not target):
         raise _foreign(key, value, "has no node name as target")
     return SwitchoverRequest(epoch=_epoch(key, value, data, "epoch"), target=target)
+
+
+def decode_force(key: bytes, value: bytes) -> ForceRequest:
+    """Parse a forced-promotion request; raises CoordError if haproxy-ln could not have
+    written it (the data-loss flag is part of the record, and must be true)."""
+    data = _object(key, value, {"node", "epoch", "accept_data_loss"})
+    if data["accept_data_loss"] is not True:
+        raise _foreign(key, value, "does not accept data loss")
+    return ForceRequest(node=_node(key, value, data), epoch=_epoch(key, value, data, "epoch"))
 
 
 def decode_leader(key: bytes, value: bytes, create_revision: int, lease_id: int) -> Leader:
