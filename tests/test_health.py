@@ -565,6 +565,20 @@ def test_status_table_shows_both_nodes_and_who_cannot_be_asked() -> None:
     assert lines[3].endswith("[node] peer_health is not set")
 
 
+def test_status_table_shows_a_forced_promotion_request() -> None:
+    etcd = {
+        "reachable": True,
+        "leader": None,
+        "sync_record": {"epoch": 7, "node": None},
+        "force": {"node": "b", "epoch": 7},
+    }
+    lines = render_table(PairStatus(etcd, ())).splitlines()
+    assert lines[0] == "etcd: leader none; sync record: nobody for epoch 7"
+    assert lines[1] == (
+        "etcd: forced promotion of b in place of epoch 7 requested (data loss accepted)"
+    )
+
+
 def test_status_cli_says_what_it_could_not_reach_and_exits_1_without_etcd(
     tmp_path: Path,
 ) -> None:

@@ -1,7 +1,7 @@
 """`haproxy-ln status`: both nodes of the pair, from etcd and from each node's `/status`.
 
 How this works: etcd's keys (leader, sync record, successor, switchover
-request) are read once, at one revision, with the node's `[etcd]`
+and forced-promotion requests) are read once, at one revision, with the node's `[etcd]`
 settings. Each node's own report comes from its health server: this node's
 at `[health] listen` (a wildcard host is asked on loopback), the peer's at
 `[node] peer_health`. The HTTP request is the standard library's
@@ -107,6 +107,9 @@ async def _etcd(config: Config) -> dict[str, Any]:
         "switchover": None
         if view.switchover is None
         else {"epoch": view.switchover.epoch, "target": view.switchover.target},
+        "force": None
+        if view.force is None
+        else {"node": view.force.node, "epoch": view.force.epoch},
     }
 
 
@@ -168,6 +171,12 @@ def render_table(pair: PairStatus) -> str:
         lines.append(f"etcd: leader {who}; sync record: {sync}")
         if etcd.get("switchover"):
             lines.append(f"etcd: switchover requested: {etcd['switchover']}")
+        if etcd.get("force"):
+            force = etcd["force"]
+            lines.append(
+                f"etcd: forced promotion of {force['node']} in place of epoch {force['epoch']} "
+                "requested (data loss accepted)"
+            )
     header = ("NODE", "ROLE", "EPOCH", "DAEMON", "GATE", "SYNC", "LAG", "LEASE", "REASON")
     rows = [header]
     for node in pair.nodes:
