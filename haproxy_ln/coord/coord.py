@@ -328,17 +328,18 @@ class Coord:
         """Delete the switchover request if it still equals `request`.
 
         Raises CoordUnavailable, CoordError."""
-        keys = self._keys
+        value = encode_switchover(request)
+        return await self._delete_if(self._keys.switchover, value, "drop switchover request")
+
+    async def _delete_if(self, key: bytes, value: bytes, operation: str) -> bool:
+        """Delete `key` if its value is still `value`; whether it was."""
 
         async def delete(member: Member, timeout: float) -> Any:
             return await member.kv.txn(
-                [KVService.txn_compare_value(keys.switchover, encode_switchover(request))],
-                [_delete(keys.switchover)],
-                [],
-                timeout=timeout,
+                [KVService.txn_compare_value(key, value)], [_delete(key)], [], timeout=timeout
             )
 
-        return bool((await self._client.request("drop switchover request", delete)).succeeded)
+        return bool((await self._client.request(operation, delete)).succeeded)
 
     # --- forced promotion -----------------------------------------------------------------------
 
@@ -384,17 +385,9 @@ class Coord:
         """Delete the forced-promotion request if it still equals `request`.
 
         Raises CoordUnavailable, CoordError."""
-        keys = self._keys
-
-        async def delete(member: Member, timeout: float) -> Any:
-            return await member.kv.txn(
-                [KVService.txn_compare_value(keys.force, encode_force(request))],
-                [_delete(keys.force)],
-                [],
-                timeout=timeout,
-            )
-
-        return bool((await self._client.request("drop forced promotion", delete)).succeeded)
+        return await self._delete_if(
+            self._keys.force, encode_force(request), "drop forced promotion"
+        )
 
     # --- everything at once, and waiting for a change -----------------------------------------
 
