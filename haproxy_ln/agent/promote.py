@@ -25,8 +25,6 @@ from haproxy_ln.errors import CoordError
 
 log = logging.getLogger(__name__)
 
-POLL = 0.05
-
 
 async def force_promotion(config: Config, timeout: float) -> str:
     """Make this configuration's node take over; returns a summary.
@@ -39,20 +37,17 @@ async def force_promotion(config: Config, timeout: float) -> str:
         started = time.monotonic()
         request = await coord.force_promotion(node)
         log.warning("forcing %s to promote in place of epoch %d", node, request.epoch)
-        with trio.move_on_after(timeout):
-            while True:
-                leader = await coord.leader()
-                if leader is not None and leader.epoch > request.epoch:
-                    if leader.node != node:
-                        raise CoordError(f"{leader.node} took over (epoch {leader.epoch}) instead")
-                    took = time.monotonic() - started
-                    await coord.drop_force(request)  # done: it would never fire again anyway
-                    return (
-                        f"{node} took over in place of epoch {request.epoch}, as epoch "
-                        f"{leader.epoch}, in {took:.2f} s; writes the old active acknowledged "
-                        f"without {node}'s replica are lost"
-                    )
-                await trio.sleep(POLL)
+        leader = await coord.next_leader(request.epoch, timeout)
+        if leader is not None:
+            await coord.drop_force(request)  # done: it would never fire again anyway
+            if leader.node != node:
+                raise CoordError(f"{leader.node} took over (epoch {leader.epoch}) instead")
+            took = time.monotonic() - started
+            return (
+                f"{node} took over in place of epoch {request.epoch}, as epoch "
+                f"{leader.epoch}, in {took:.2f} s; writes the old active acknowledged "
+                f"without {node}'s replica are lost"
+            )
         with trio.CancelScope(shield=True):
             await coord.drop_force(request)
         raise CoordError(

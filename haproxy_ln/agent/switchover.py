@@ -23,8 +23,6 @@ from haproxy_ln.errors import CoordError
 
 log = logging.getLogger(__name__)
 
-POLL = 0.05
-
 
 async def switchover(config: Config, target: str | None, timeout: float) -> str:
     """Hand over from the active node to `target` (None: its peer); returns a summary.
@@ -40,16 +38,13 @@ async def switchover(config: Config, target: str | None, timeout: float) -> str:
         request = await coord.request_switchover(target)
         old = before.node if before is not None else "?"
         log.info("asked %s (epoch %d) to hand over to %s", old, request.epoch, target or "its peer")
-        with trio.move_on_after(timeout):
-            while True:
-                leader = await coord.leader()
-                if leader is not None and leader.epoch != request.epoch:
-                    took = time.monotonic() - started
-                    return (
-                        f"switched over from {old} (epoch {request.epoch}) to {leader.node} "
-                        f"(epoch {leader.epoch}) in {took:.2f} s"
-                    )
-                await trio.sleep(POLL)
+        leader = await coord.next_leader(request.epoch, timeout)
+        if leader is not None:
+            took = time.monotonic() - started
+            return (
+                f"switched over from {old} (epoch {request.epoch}) to {leader.node} "
+                f"(epoch {leader.epoch}) in {took:.2f} s"
+            )
         with trio.CancelScope(shield=True):
             await coord.drop_switchover(request)
         raise CoordError(

@@ -64,6 +64,7 @@ from haproxy_ln.store import bridge
 __all__ = ["DEFAULT_SUCCESSOR_TTL", "Coord", "open_coord"]
 
 DEFAULT_SUCCESSOR_TTL = 10
+LEADER_POLL = 0.05  # seconds between reads of the leader key while waiting for a new one
 """Seconds a named successor has to take the leader key before anyone may."""
 
 _txn = KVService.txn_compare_create_revision
@@ -230,6 +231,17 @@ class Coord:
 
         held = _one(await self._client.request("read leader", read))
         return None if held is None else _leader(keys, held)
+
+    async def next_leader(self, after_epoch: int, timeout: float) -> Leader | None:
+        """The leader of an epoch above `after_epoch`, once there is one; None if there
+        is none within `timeout` seconds. Polls. Raises CoordUnavailable, CoordError."""
+        with trio.move_on_after(timeout):
+            while True:
+                leader = await self.leader()
+                if leader is not None and leader.epoch > after_epoch:
+                    return leader
+                await trio.sleep(LEADER_POLL)
+        return None
 
     async def resign(
         self, epoch: int, successor: str | None = None, successor_ttl: int = DEFAULT_SUCCESSOR_TTL
