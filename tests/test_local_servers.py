@@ -139,6 +139,28 @@ def test_cluster_dies_with_the_process_that_started_it(server_dir: Path) -> None
     assert wait_gone(pid), "postmaster outlived the SIGKILLed process that started it"
 
 
+def test_a_child_spawned_to_die_with_its_parent_does(server_dir: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        from haproxy_ln.local.ports import die_with_parent
+        child = subprocess.Popen(["sleep", "600"], preexec_fn=die_with_parent())
+        print(child.pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    ) as owner:
+        try:
+            assert owner.stdout is not None
+            pid = int(owner.stdout.readline())
+            assert pid_alive(pid)
+        finally:
+            owner.send_signal(signal.SIGKILL)
+    assert wait_gone(pid, timeout=10), "the child outlived the SIGKILLed process that spawned it"
+
+
 def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
     # An outgoing connection takes its local port from the ephemeral range, so a port
     # from there could be taken between free_ports and the server's bind.

@@ -30,7 +30,7 @@ import tomli_w
 
 from haproxy_ln.events import Event, EventLog, read_events
 from haproxy_ln.keys.tools import new_kek, seal_file
-from haproxy_ln.local.ports import free_port
+from haproxy_ln.local.ports import die_with_parent, free_port
 from haproxy_ln.local.postgres import PostgresCluster
 
 __all__ = ["PREFIX", "AgentNode", "make_keys", "one_signer_overlaps", "sim_daemon"]
@@ -148,12 +148,14 @@ class AgentNode:
         return text
 
     def start(self) -> None:
-        """Start the agent (its output goes to `log_path`)."""
+        """Start the agent (its output goes to `log_path`). It is SIGKILLed when the
+        calling thread ends: call this from the main thread."""
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "haproxy_ln", "run", "--config", str(self.config_path)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(),
             )
 
     @property

@@ -12,13 +12,17 @@ reports its pid, reaps it when it exits, and watches a "lifeline" pipe from
 us: when the pipe closes (our `close()`, or this Python process dying in any
 way, even SIGKILL) it sends the server its stop signals one after another,
 waiting `grace` seconds after each. So a server never outlives the process
-that started it, whatever thread started it.
+that started it, whatever thread started it. A process that must be the
+direct child (an agent, whose tests SIGKILL and SIGSTOP it and read its exit
+code) is spawned with `die_with_parent` instead: the kernel SIGKILLs it when
+the thread that spawned it ends, the process with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import pwd
 import random
@@ -29,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Self
@@ -39,6 +43,7 @@ from haproxy_ln.errors import HaproxyLnError
 LOOPBACK = "127.0.0.1"
 EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 FIRST_PORT = 10000  # below it are the well-known defaults (PostgreSQL's 5432, etcd's 2379)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SUPERVISOR = f"import sys; from {__name__} import _supervise; sys.exit(_supervise(sys.argv[1:]))"
 
 
@@ -164,6 +169,20 @@ def as_user(user: str | None) -> dict[str, Any]:
         return {}
     pw = pwd.getpwnam(user)
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` for `subprocess.Popen`: the child gets SIGKILL when the
+    thread that spawns it ends (prctl PR_SET_PDEATHSIG), so call it from a
+    thread that lives as long as the child should, such as the main thread."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:  # in the child, between fork and exec
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0 or os.getppid() != parent:
+            os._exit(127)  # cannot be tied to the parent, or it is already gone
+
+    return arm
 
 
 class Supervised:
