@@ -27,11 +27,12 @@ NEMESIS_NAMES = (
     "kill-etcd-leader",
     "hostile-clients",
     "fill-standby-disk",
+    "lose-both-nodes-in-turn",
 )
 
 
 @click.command("chaos")
-@click.option("--trials", type=click.IntRange(1), default=11, show_default=True)
+@click.option("--trials", type=click.IntRange(1), default=len(NEMESIS_NAMES), show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=1, show_default=True)
 @click.option(
     "--nemesis",

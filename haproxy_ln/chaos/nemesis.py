@@ -229,6 +229,44 @@ def fill_standby_disk(pair: ChaosPair, rng: random.Random) -> Params:
     }
 
 
+def _take_down(pair: ChaosPair, node: ChaosNode) -> None:
+    pair.note(node, "nemesis.inject", what="kill -9 agent and PostgreSQL")
+    node.agent.kill()
+    node.pg.kill()
+
+
+def _bring_up(pair: ChaosPair, node: ChaosNode) -> None:
+    node.pg.start()
+    node.agent.start()
+    pair.note(node, "nemesis.heal", what="PostgreSQL and agent restarted")
+
+
+def lose_both_nodes_in_turn(pair: ChaosPair, rng: random.Random) -> Params:
+    """A double fault. The active node goes down whole (agent and PostgreSQL); once
+    the standby has taken over and acknowledged writes alone (degraded), it goes down
+    too. The first node comes back first, without those writes: it must not take over
+    (no rollback) while it is alone, longer than the lease TTL, until the second is back."""
+    first = _active(pair)
+    second = pair.peer(first)
+    _take_down(pair, first)
+    down = time.monotonic()
+    wait_until(
+        f"{second.name} to take over and acknowledge writes alone",
+        lambda: pair.active() is second and second.acked_since(down),
+        60.0,
+    )
+    took_over = round(time.monotonic() - down, 3)
+    _take_down(pair, second)
+    _bring_up(pair, first)
+    alone = time.monotonic()
+    hold = _hold(rng, TTL + 2.0, TTL + 6.0)
+    led = any(e.kind == "leader.acquired" and e.mono >= alone for e in first.events())
+    _bring_up(pair, second)
+    if led:
+        raise PairFailed(f"{first.name} took the lead alone, without {second.name}'s writes")
+    return {"first": first.name, "second_took_over_after_s": took_over, "first_alone_s": hold}
+
+
 NEMESES: dict[str, Nemesis] = {
     "kill-active-agent": kill_active_agent,
     "kill-active-postgres": kill_active_postgres,
@@ -241,4 +279,5 @@ NEMESES: dict[str, Nemesis] = {
     "kill-etcd-leader": kill_etcd_leader,
     "hostile-clients": hostile_clients,
     "fill-standby-disk": fill_standby_disk,
+    "lose-both-nodes-in-turn": lose_both_nodes_in_turn,
 }
