@@ -422,6 +422,23 @@ async def test_a_leader_observing_unanswering_etcd_and_postgresql_steps_by_its_d
         assert decision.role is Role.FENCED
 
 
+async def test_a_stopped_replicator_leaves_no_hold_on_the_gate(tmp_path: Path) -> None:
+    """A replicator whose session broke while it guarded the gate (invariant 5) held it
+    after it was stopped; a new leader whose peer was down then served nothing."""
+    gate = Gate(is_open=True)
+    async with trio.open_nursery() as nursery:
+        shell = _shell(tmp_path, nursery, coord=None, gate=gate)
+        shell._start_replicating(1)
+        assert shell.replicator is not None
+        shell.replicator.guards_gate = True  # the sync record named the replica
+        with trio.fail_after(10):  # its PostgreSQL is not running: it retries, holding
+            while gate.is_open:
+                await trio.sleep(0.01)
+        shell._start_replicating(2)  # a new epoch; nothing names a replica yet
+        assert gate.is_open, gate.refusal()
+        nursery.cancel_scope.cancel()
+
+
 @pytest.fixture
 def lone_node(
     tmp_path: Path, etcd: EtcdServer, pg_pair: tuple[PostgresCluster, PostgresCluster]

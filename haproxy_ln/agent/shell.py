@@ -47,7 +47,7 @@ from haproxy_ln.errors import (
 from haproxy_ln.events import EventLog
 from haproxy_ln.keys import KeyCustody
 from haproxy_ln.proxy.gate import Gate
-from haproxy_ln.replicator.service import Replicator
+from haproxy_ln.replicator.service import GATE_KEY, Replicator
 from haproxy_ln.store import bridge
 
 log = logging.getLogger(__name__)
@@ -478,10 +478,14 @@ class HaShell:
         self._nursery.start_soon(self._replicate, replicator, scope)
 
     def stop_replicating(self) -> None:
-        """Stop this node's replicator, if it runs."""
+        """Stop this node's replicator, if it runs, and its hold on the gate: what it
+        guarded (invariant 5) was its epoch's replica, and a closed gate outlived it.
+        A leader whose peer was down then served nothing (found by the chaos suite,
+        lose-both-nodes-in-turn)."""
         if self._replicator_scope is not None:
             self._replicator_scope.cancel()
         self.replicator = self._replicator_scope = None
+        self.gate.release(GATE_KEY)
 
     async def _replicate(self, replicator: Replicator, scope: trio.CancelScope) -> None:
         with scope:
