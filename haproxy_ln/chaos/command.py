@@ -28,6 +28,7 @@ NEMESIS_NAMES = (
     "hostile-clients",
     "fill-standby-disk",
     "lose-both-nodes-in-turn",
+    "degrade-then-lose-active",
 )
 
 

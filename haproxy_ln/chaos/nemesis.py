@@ -241,6 +241,14 @@ def _bring_up(pair: ChaosPair, node: ChaosNode) -> None:
     pair.note(node, "nemesis.heal", what="PostgreSQL and agent restarted")
 
 
+def _rolled_back(node: ChaosNode, since: float, without: ChaosNode) -> PairFailed | None:
+    """The failure to report if `node` took the leader key at or after `since`, lacking
+    writes that `without` had acknowledged alone: a rollback."""
+    if any(e.kind == "leader.acquired" and e.mono >= since for e in node.events()):
+        return PairFailed(f"{node.name} took the lead without {without.name}'s writes")
+    return None
+
+
 def lose_both_nodes_in_turn(pair: ChaosPair, rng: random.Random) -> Params:
     """A double fault. The active node goes down whole (agent and PostgreSQL); once
     the standby has taken over and acknowledged writes alone (degraded), it goes down
@@ -260,11 +268,49 @@ def lose_both_nodes_in_turn(pair: ChaosPair, rng: random.Random) -> Params:
     _bring_up(pair, first)
     alone = time.monotonic()
     hold = _hold(rng, TTL + 2.0, TTL + 6.0)
-    led = any(e.kind == "leader.acquired" and e.mono >= alone for e in first.events())
+    rollback = _rolled_back(first, alone, second)
     _bring_up(pair, second)
-    if led:
-        raise PairFailed(f"{first.name} took the lead alone, without {second.name}'s writes")
+    if rollback:
+        raise rollback
     return {"first": first.name, "second_took_over_after_s": took_over, "first_alone_s": hold}
+
+
+def degrade_then_lose_active(pair: ChaosPair, rng: random.Random) -> Params:
+    """A double fault. The active's link to the replica store is cut until the active
+    degrades and acknowledges writes alone; then its agent is killed. The standby
+    lacks those writes: it must not take over (no rollback) while the active is gone,
+    longer than the lease TTL. Then the link heals and the agent restarts, to lead again."""
+    node = _active(pair)
+    standby = pair.peer(node)
+    link = node.replica_link
+    assert link is not None
+    pair.note(node, "nemesis.inject", what="partition from the replica store")
+    link.blackhole()
+    cut = time.monotonic()
+
+    def degraded_and_acked_alone() -> bool:
+        records = [
+            e.mono
+            for e in node.events()
+            if e.kind == "sync.record" and e.mono >= cut and e.fields.get("replica") is None
+        ]
+        return bool(records) and node.acked_since(records[-1])
+
+    wait_until(
+        f"{node.name} to degrade and acknowledge writes alone", degraded_and_acked_alone, 30.0
+    )
+    degraded = round(time.monotonic() - cut, 3)
+    pair.note(node, "nemesis.inject", what="kill -9 agent")
+    node.agent.kill()
+    gone = time.monotonic()
+    hold = _hold(rng, TTL + 2.0, TTL + 6.0)
+    rollback = _rolled_back(standby, gone, node)
+    link.heal()
+    node.agent.start()
+    pair.note(node, "nemesis.heal", what="replica link healed, agent restarted")
+    if rollback:
+        raise rollback
+    return {"target": node.name, "degraded_after_s": degraded, "agent_dead_s": hold}
 
 
 NEMESES: dict[str, Nemesis] = {
@@ -280,4 +326,5 @@ NEMESES: dict[str, Nemesis] = {
     "hostile-clients": hostile_clients,
     "fill-standby-disk": fill_standby_disk,
     "lose-both-nodes-in-turn": lose_both_nodes_in_turn,
+    "degrade-then-lose-active": degrade_then_lose_active,
 }
