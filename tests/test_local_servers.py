@@ -115,6 +115,21 @@ def test_cluster_in_failing_block_is_still_stopped(server_dir: Path) -> None:
     assert not pid_alive(pid)
 
 
+def _started_by_a_killed_owner(script: str) -> int:
+    """Run `script`, which starts a process and prints its pid; SIGKILL the script once
+    that process runs. Returns its pid."""
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    ) as owner:
+        try:
+            assert owner.stdout is not None
+            pid = int(owner.stdout.readline())
+            assert pid_alive(pid)
+        finally:
+            owner.send_signal(signal.SIGKILL)
+    return pid
+
+
 def test_cluster_dies_with_the_process_that_started_it(server_dir: Path) -> None:
     script = textwrap.dedent(
         f"""
@@ -127,15 +142,7 @@ def test_cluster_dies_with_the_process_that_started_it(server_dir: Path) -> None
         time.sleep(600)
         """
     )
-    with subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
-    ) as owner:
-        try:
-            assert owner.stdout is not None
-            pid = int(owner.stdout.readline())
-            assert pid_alive(pid)
-        finally:
-            owner.send_signal(signal.SIGKILL)
+    pid = _started_by_a_killed_owner(script)
     assert wait_gone(pid), "postmaster outlived the SIGKILLed process that started it"
 
 
@@ -149,15 +156,7 @@ def test_a_child_spawned_to_die_with_its_parent_does(server_dir: Path) -> None:
         time.sleep(600)
         """
     )
-    with subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
-    ) as owner:
-        try:
-            assert owner.stdout is not None
-            pid = int(owner.stdout.readline())
-            assert pid_alive(pid)
-        finally:
-            owner.send_signal(signal.SIGKILL)
+    pid = _started_by_a_killed_owner(script)
     assert wait_gone(pid, timeout=10), "the child outlived the SIGKILLed process that spawned it"
 
 
